@@ -1,0 +1,1 @@
+//! Kiln's worker: lease → fetch → stage → sandbox → collect → upload → report.

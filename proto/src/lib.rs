@@ -1,0 +1,22 @@
+//! Protocol types for Kiln.
+//!
+//! * [`reapi`], [`bytestream`], [`longrunning`], [`rpc`], [`asset`]: the Remote
+//!   Execution API v2 and its companions, re-exported from the maintained
+//!   `bazel-remote-apis` crate (no proto text is copied into Kiln).
+//! * [`worker`]: Kiln's own worker protocol, compiled from
+//!   `kiln/worker/v1/worker.proto`.
+
+pub use bazel_remote_apis::build::bazel::remote::asset::v1 as asset;
+pub use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
+pub use bazel_remote_apis::build::bazel::semver;
+pub use bazel_remote_apis::google::bytestream;
+pub use bazel_remote_apis::google::longrunning;
+pub use bazel_remote_apis::google::protobuf;
+pub use bazel_remote_apis::google::rpc;
+
+pub use prost;
+
+/// Kiln's worker protocol (server ⇄ worker).
+pub mod worker {
+    tonic::include_proto!("kiln.worker.v1");
+}

@@ -1,0 +1,2 @@
+//! Run one command hermetically with a directory as its filesystem root.
+//! Knows nothing of gRPC.
