@@ -4,7 +4,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Kiln: hermetic remote execution (REAPI v2)")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Kiln: hermetic remote execution (REAPI v2)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
