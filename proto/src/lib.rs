@@ -13,6 +13,11 @@ pub use bazel_remote_apis::google::bytestream;
 pub use bazel_remote_apis::google::longrunning;
 pub use bazel_remote_apis::google::protobuf;
 pub use bazel_remote_apis::google::rpc;
+/// google.rpc error details (`PreconditionFailure`, …), from `tonic-types`.
+pub use tonic_types::pb as error_details;
+
+pub mod digest;
+pub mod tree;
 
 pub use prost;
 
