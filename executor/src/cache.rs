@@ -238,7 +238,9 @@ impl BlobCache {
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
         }
-        let inode = fs::metadata(tmp).map_err(|e| Error::io("stat", tmp, e))?.ino();
+        let inode = fs::metadata(tmp)
+            .map_err(|e| Error::io("stat", tmp, e))?
+            .ino();
         fs::rename(tmp, &dest).map_err(|e| Error::io("rename into cache", &dest, e))?;
         self.state
             .lock()
@@ -293,7 +295,9 @@ impl BlobCache {
         }
         fs::set_permissions(&tmp, fs::Permissions::from_mode(MODE_EXEC))
             .map_err(|e| Error::io("chmod", &tmp, e))?;
-        let inode = fs::metadata(&tmp).map_err(|e| Error::io("stat", &tmp, e))?.ino();
+        let inode = fs::metadata(&tmp)
+            .map_err(|e| Error::io("stat", &tmp, e))?
+            .ino();
         let dest = self.path(&d.hash, true);
         fs::rename(&tmp, &dest).map_err(|e| Error::io("rename into cache", &dest, e))?;
         let mut state = self.state.lock().expect("cache lock");
@@ -316,7 +320,9 @@ impl BlobCache {
         let mode = if executable { MODE_EXEC } else { MODE_PLAIN };
         fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
             .map_err(|e| Error::io("chmod", &tmp, e))?;
-        let inode = fs::metadata(&tmp).map_err(|e| Error::io("stat", &tmp, e))?.ino();
+        let inode = fs::metadata(&tmp)
+            .map_err(|e| Error::io("stat", &tmp, e))?
+            .ino();
         fs::rename(&tmp, &src).map_err(|e| Error::io("rename into cache", &src, e))?;
         let mut state = self.state.lock().expect("cache lock");
         if let Some(e) = state.entries.get_mut(&d.hash) {
@@ -397,7 +403,13 @@ mod tests {
         let cache = BlobCache::open(dir.path(), 1 << 20).unwrap();
         assert!(cache.contains(&d));
         assert!(cache.link_to(&d, false, &dir.path().join("plain")).unwrap());
-        let mode = |p: &str| fs::metadata(dir.path().join(p)).unwrap().permissions().mode() & 0o777;
+        let mode = |p: &str| {
+            fs::metadata(dir.path().join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
         assert_eq!(mode("x"), 0o755);
         assert_eq!(mode("plain"), 0o644);
         let ino = fs::metadata(dir.path().join("plain")).unwrap().ino();
@@ -412,7 +424,11 @@ mod tests {
         let a = digest::of_bytes(&[b'a'; 60]);
         let b = digest::of_bytes(&[b'b'; 60]);
         cache.insert_bytes(&a, &[b'a'; 60]).unwrap();
-        assert!(cache.link_to(&a, false, &dir.path().join("staged-a")).unwrap());
+        assert!(
+            cache
+                .link_to(&a, false, &dir.path().join("staged-a"))
+                .unwrap()
+        );
         cache.insert_bytes(&b, &[b'b'; 60]).unwrap();
         assert!(!cache.contains(&a), "least recently used blob evicted");
         assert!(cache.contains(&b));

@@ -206,7 +206,9 @@ impl CasClient {
                 .await
                 .map_err(|e| Error::io("write", dest, e))?;
         }
-        file.flush().await.map_err(|e| Error::io("write", dest, e))?;
+        file.flush()
+            .await
+            .map_err(|e| Error::io("write", dest, e))?;
         let actual = hasher.finish();
         if actual != *d {
             return Err(Error::CorruptBlob {
@@ -290,7 +292,11 @@ impl CasClient {
                 buf.truncate(n);
                 let finish = n == 0 || offset + n as i64 >= total;
                 let req = WriteRequest {
-                    resource_name: if first { resource.clone() } else { String::new() },
+                    resource_name: if first {
+                        resource.clone()
+                    } else {
+                        String::new()
+                    },
                     write_offset: offset,
                     finish_write: finish,
                     data: buf,

@@ -66,11 +66,13 @@ impl Error {
                 let failure = kiln_proto::error_details::PreconditionFailure {
                     violations: digests
                         .iter()
-                        .map(|d| kiln_proto::error_details::precondition_failure::Violation {
-                            r#type: "MISSING".into(),
-                            subject: format!("blobs/{}", kiln_proto::digest::key(d)),
-                            description: String::new(),
-                        })
+                        .map(
+                            |d| kiln_proto::error_details::precondition_failure::Violation {
+                                r#type: "MISSING".into(),
+                                subject: format!("blobs/{}", kiln_proto::digest::key(d)),
+                                description: String::new(),
+                            },
+                        )
                         .collect(),
                 };
                 let any = kiln_proto::protobuf::Any {

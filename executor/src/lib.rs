@@ -2,6 +2,7 @@
 
 pub mod cache;
 pub mod cas;
+pub mod collect;
 pub mod error;
 pub mod stage;
 pub mod trash;

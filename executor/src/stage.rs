@@ -81,7 +81,10 @@ impl Stager {
         let mut state = State::default();
         // Trees a previous run finished are complete (they were renamed into
         // place) and immutable: keep them. Unfinished ones go to the trash.
-        for entry in fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))?.flatten() {
+        for entry in fs::read_dir(dir)
+            .map_err(|e| Error::io("list", dir, e))?
+            .flatten()
+        {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with(".tmp-") {
                 trash.discard(&entry.path());
@@ -124,7 +127,10 @@ impl Stager {
         match fs::rename(&tmp, &path) {
             Ok(()) => {}
             // Another action staged the same root meanwhile: use theirs.
-            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) || e.kind() == io::ErrorKind::AlreadyExists => {
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENOTEMPTY)
+                    || e.kind() == io::ErrorKind::AlreadyExists =>
+            {
                 self.trash.discard(&tmp);
             }
             Err(e) => {
@@ -296,7 +302,11 @@ mod tests {
             ..Default::default()
         };
         let (root_d, _) = digest::of_message(&root);
-        InputTree::new(root_d.clone(), [(root_d.hash, root), (sub_d.hash, sub)].into()).unwrap()
+        InputTree::new(
+            root_d.clone(),
+            [(root_d.hash, root), (sub_d.hash, sub)].into(),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -312,7 +322,10 @@ mod tests {
         assert_eq!(meta("bin/run.sh").permissions().mode() & 0o777, 0o755);
         assert_eq!(meta("data").permissions().mode() & 0o777, 0o644);
         assert_eq!(meta("data").nlink(), 2, "hardlinked from the cache");
-        assert_eq!(fs::read_link(p.join("abs")).unwrap(), Path::new("/bin/run.sh"));
+        assert_eq!(
+            fs::read_link(p.join("abs")).unwrap(),
+            Path::new("/bin/run.sh")
+        );
         assert_eq!(meta("empty").len(), 0);
         let Staged::Ready(again) = stager.stage(&tree).unwrap() else {
             panic!()

@@ -37,10 +37,7 @@ impl InputTree {
                 None => return Err(Error::MissingBlobs(vec![d])),
             };
             validate_directory(dir).map_err(|why| {
-                Error::InvalidTree(format!(
-                    "directory {} (at /{path}): {why}",
-                    digest::key(&d)
-                ))
+                Error::InvalidTree(format!("directory {} (at /{path}): {why}", digest::key(&d)))
             })?;
             for sub in &dir.directories {
                 let child = sub.digest.clone().expect("validated");

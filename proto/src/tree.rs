@@ -43,7 +43,10 @@ pub fn validate_directory(dir: &Directory) -> Result<(), String> {
                 return Err(if pair[0] == pair[1] {
                     format!("{kind} name {:?} appears twice", pair[1])
                 } else {
-                    format!("{kind} names are not sorted: {:?} before {:?}", pair[0], pair[1])
+                    format!(
+                        "{kind} names are not sorted: {:?} before {:?}",
+                        pair[0], pair[1]
+                    )
                 });
             }
         }
@@ -120,7 +123,11 @@ mod tests {
         dir.files = vec![file("a"), file("a")];
         assert!(validate_directory(&dir).unwrap_err().contains("twice"));
         dir.files = vec![file("c")];
-        assert!(validate_directory(&dir).unwrap_err().contains("two entries"));
+        assert!(
+            validate_directory(&dir)
+                .unwrap_err()
+                .contains("two entries")
+        );
         for bad in ["", ".", "..", "x/y"] {
             dir.files = vec![file(bad)];
             assert!(validate_directory(&dir).is_err(), "{bad:?} accepted");
