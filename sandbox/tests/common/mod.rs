@@ -159,3 +159,168 @@ pub fn run_sh_with(
 pub fn run_sh(l: &Launcher, s: &Scratch, script: &str) -> Ran {
     run_sh_with(l, s, script, |_| {})
 }
+
+/// The static probe (tests/probe.c), compiled once per test binary. `None`
+/// (after a loud "skipped") without a C compiler; under `CI=true` that fails.
+pub fn probe() -> Option<PathBuf> {
+    static P: OnceLock<Option<PathBuf>> = OnceLock::new();
+    P.get_or_init(|| {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/probe.c");
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("kiln-probe-{}", std::process::id()));
+        let ok = Command::new("cc")
+            .args(["-static", "-O1", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            Some(out)
+        } else if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("cannot build the static probe: install gcc and libc6-dev (scripts/install-test-deps)");
+        } else {
+            eprintln!("skipped: cannot build the static probe (cc -static); install gcc libc6-dev");
+            None
+        }
+    })
+    .clone()
+}
+
+#[macro_export]
+macro_rules! need_probe {
+    () => {
+        match common::probe() {
+            Some(p) => p,
+            None => return,
+        }
+    };
+}
+
+/// Copies the probe into the root as `/name`, setuid root if asked.
+pub fn install_probe(probe: &Path, root: &Path, name: &str, setuid_root: bool) {
+    let dst = root.join(name);
+    std::fs::copy(probe, &dst).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    if setuid_root {
+        std::os::unix::fs::chown(&dst, Some(0), Some(0)).unwrap();
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    } else {
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
+
+/// Host pids of every process in the PID namespace `ns` (an `ns/pid` link
+/// target such as `pid:[4026532001]`).
+pub fn processes_in_pidns(ns: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(l) = std::fs::read_link(e.path().join("ns/pid"))
+            && l.to_string_lossy() == ns
+        {
+            let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+            let state = status
+                .lines()
+                .find(|l| l.starts_with("State:"))
+                .unwrap_or("")
+                .to_string();
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            eprintln!(
+                "pid {pid} in {ns}: {state} {}",
+                String::from_utf8_lossy(&cmd)
+            );
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Host processes whose command line contains `marker`.
+pub fn processes_with(marker: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(c) = std::fs::read(e.path().join("cmdline"))
+            && String::from_utf8_lossy(&c).contains(marker)
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Mount points on the host whose path contains `needle`.
+pub fn host_mounts_with(needle: &str) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(String::from)
+        .collect()
+}
+
+/// A TCP listener on the host's 127.0.0.1 (port 0) counting connections it accepts.
+pub struct HostServer {
+    pub port: u16,
+    pub accepted: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HostServer {
+    pub fn start() -> HostServer {
+        use std::sync::atomic::*;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, s) = (accepted.clone(), stop.clone());
+        std::thread::spawn(move || {
+            // Bounded: at most 60 s, stops when dropped.
+            for _ in 0..6000 {
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Ok((mut c, _)) = l.accept() {
+                    a.fetch_add(1, Ordering::SeqCst);
+                    use std::io::Write;
+                    let _ = c.write_all(b"HTTP/1.0 200 OK\r\n\r\nhost-secret\n");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        HostServer {
+            port,
+            accepted,
+            stop,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for HostServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Generates one `#[test]` per (identity, backend) for each listed test
+/// function `fn name(mode: Mode, backend: BackendKind)`.
+#[macro_export]
+macro_rules! matrix {
+    ($($name:ident),* $(,)?) => {
+        mod userns_root {
+            $( #[test] fn $name() { super::$name($crate::common::Mode::Root, kiln_sandbox::BackendKind::Userns) } )*
+        }
+        mod userns_unprivileged {
+            $( #[test] fn $name() { super::$name($crate::common::Mode::Unprivileged, kiln_sandbox::BackendKind::Userns) } )*
+        }
+    };
+}
