@@ -1,2 +1,60 @@
 //! Run one command hermetically with a directory as its filesystem root.
-//! Knows nothing of gRPC.
+//! Knows nothing of gRPC; blocking API, no async runtime needed.
+//!
+//! # Shape
+//!
+//! - A [`Launcher`] starts one single-threaded **helper** process (the
+//!   "zygote") by re-executing a binary that calls [`helper_main`] when it
+//!   sees [`HELPER_ARG`] — `kiln __sandbox-helper`, or the
+//!   `kiln-sandbox-helper` binary of this crate in tests. The caller (a
+//!   multi-threaded tokio worker) never forks itself into a sandbox.
+//! - [`Launcher::spawn`] sends a [`SandboxRequest`] to the helper, which
+//!   `clone3`s the sandbox's init straight into new user, mount, PID, IPC,
+//!   UTS, cgroup and network namespaces. The init mounts the root (a
+//!   directory, or an overlay of read-only lowers and a writable upper), a
+//!   minimal `/dev`, a fresh `/proc` and a tmpfs `/tmp`, applies read-only
+//!   subtrees, `pivot_root`s, and answers `Ready`: `spawn` returns a
+//!   [`Running`]. The command runs as PID 2 with no capabilities,
+//!   `no_new_privs`, exactly the given environment, stdin `/dev/null` and
+//!   stdout/stderr into the caller's files.
+//! - [`Running::wait`] blocks until the command exited and the init killed
+//!   and reaped every other process; it returns a [`Finished`] holding the
+//!   [`Outcome`] (status, timed out / cancelled, wall/user/sys time, peak RSS,
+//!   set-up time) and the sandbox's mount namespace, still alive, so outputs
+//!   are read through [`Finished::root`] (`openat2` confined to the root).
+//!   [`Finished::release`] (or drop) lets it go: the kernel unmounts it all.
+//! - [`Running::kill`] / [`KillHandle`] kill the whole sandbox from any
+//!   thread (SIGKILL to its PID 1 via a pidfd). Timeouts are enforced by the
+//!   helper the same way.
+//!
+//! ```no_run
+//! use kiln_sandbox::*;
+//! let launcher = Launcher::new(LauncherConfig::current_exe())?;
+//! let mut req = SandboxRequest::new(Root::Dir("/srv/root".into()), vec!["/bin/sh".into(), "-c".into(), "echo hi > out".into()]);
+//! req.env = vec![("PATH".into(), "/bin".into())];
+//! req.stdout = Stdio::File("/tmp/stdout".into());
+//! let finished = launcher.spawn(req)?.wait()?;
+//! assert!(finished.outcome.status.success());
+//! let out = std::io::read_to_string(finished.root().open("out".as_ref())?)?;
+//! finished.release();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod error;
+mod helper;
+mod init;
+mod launcher;
+mod oci;
+mod outcome;
+mod protocol;
+mod request;
+mod root;
+mod sys;
+mod userns;
+
+pub use error::{Result, SandboxError, SetupError};
+pub use helper::helper_main;
+pub use launcher::{Backend, Finished, HELPER_ARG, KillHandle, Launcher, LauncherConfig, Running};
+pub use outcome::{ExitStatus, Outcome};
+pub use request::{BackendKind, Root, SandboxRequest, Stdio, Subtree, normalize_relative};
+pub use root::RootDir;

@@ -1,0 +1,404 @@
+//! The helper ("zygote"): a small single-threaded process the [`Launcher`]
+//! starts once, by re-executing a binary that calls [`helper_main`]. It
+//! receives requests on a unix socket and `clone3`s each sandbox's init
+//! straight into its namespaces — cheap, and safe because nothing else runs
+//! in this process. It also reaps the inits, enforces timeouts and owns the
+//! pool of ready network namespaces.
+//!
+//! [`Launcher`]: crate::Launcher
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+
+use crate::error::SetupError;
+use crate::outcome::{ExitStatus, Outcome};
+use crate::protocol::{self, KilledBy, Received, Reply, WireRequest};
+use crate::request::BackendKind;
+use crate::sys::{self, Forked, Reaped};
+use crate::userns::{self, idmap::IdMap, netns::NetnsPool};
+
+pub(crate) const CTL_FD_ENV: &str = "KILN_SANDBOX_HELPER_FD";
+pub(crate) const POOL_ENV: &str = "KILN_SANDBOX_NETNS_POOL";
+
+/// Runs the helper; never returns. Call it first thing in `main` when the
+/// process was started with the hidden argument the [`LauncherConfig`]
+/// names (e.g. `kiln __sandbox-helper`), before any thread or async runtime
+/// exists. Logging set up before the call (with `tracing`) is used.
+///
+/// [`LauncherConfig`]: crate::LauncherConfig
+pub fn helper_main() -> ! {
+    let code = match Helper::from_env().and_then(|h| h.run()) {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("sandbox helper: {e}");
+            1
+        }
+    };
+    std::process::exit(code)
+}
+
+pub(crate) struct Action {
+    pidfd: OwnedFd,
+    pid: libc::pid_t,
+    sock: OwnedFd,
+    deadline: Option<Instant>,
+    netns: Option<OwnedFd>,
+    timed_out: bool,
+}
+
+struct Helper {
+    ctl: OwnedFd,
+    pool: Option<NetnsPool>,
+    outside_uid: u32,
+    outside_gid: u32,
+    privileged: bool,
+    base: CString,
+    last_cap: libc::c_ulong,
+    actions: Vec<Action>,
+}
+
+/// Whether this process holds CAP_SETUID and CAP_SETGID in its user namespace.
+fn has_setid_caps() -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 7) != 0 && caps & (1 << 6) != 0)
+}
+
+impl Helper {
+    fn from_env() -> Result<Helper, String> {
+        let fd: RawFd = std::env::var(CTL_FD_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                format!("{CTL_FD_ENV} is not set: start the helper through a Launcher")
+            })?;
+        let pool_size: usize = std::env::var(POOL_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(4);
+        // SAFETY: the launcher passed this fd to us and nobody else owns it.
+        let ctl = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: plain fcntl; the fd must not leak into sandboxes.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+
+        // SAFETY: plain getters.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let privileged = has_setid_caps();
+        if privileged {
+            // Our supplementary groups would otherwise follow into every
+            // sandbox (as "nogroup", but still honoured by the host kernel).
+            // SAFETY: an empty group list.
+            if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
+                return Err(format!("setgroups([]): {}", Errno::last()));
+            }
+        }
+        let pool = if pool_size > 0 {
+            NetnsPool::new(pool_size)
+        } else {
+            None
+        };
+        let base = ["/tmp", "/mnt", "/"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).is_dir())
+            .expect("/ is a directory");
+        tracing::debug!(
+            uid,
+            gid,
+            privileged,
+            netns_pool = pool.is_some(),
+            "sandbox helper ready"
+        );
+        Ok(Helper {
+            ctl,
+            pool,
+            outside_uid: uid,
+            outside_gid: gid,
+            privileged,
+            base: CString::new(base).expect("no NUL"),
+            last_cap: sys::last_cap(),
+            actions: Vec::new(),
+        })
+    }
+
+    fn run(mut self) -> Result<(), String> {
+        loop {
+            let next_deadline = self.actions.iter().filter_map(|a| a.deadline).min();
+            let mut timeout_ms: i32 = match next_deadline {
+                Some(d) => (d.saturating_duration_since(Instant::now()).as_millis() + 1)
+                    .min(i32::MAX as u128) as i32,
+                None => -1,
+            };
+            // Refill the network namespace pool only when idle: look for
+            // work without blocking first.
+            let refill = self.pool.as_ref().is_some_and(|p| p.below_target());
+            if refill {
+                timeout_ms = 0;
+            }
+            let mut pfds: Vec<libc::pollfd> = std::iter::once(self.ctl.as_raw_fd())
+                .chain(self.actions.iter().map(|a| a.pidfd.as_raw_fd()))
+                .map(|fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            let n = sys::poll_readable(&mut pfds, timeout_ms).map_err(|e| format!("poll: {e}"))?;
+            if n == 0 && refill {
+                if let Some(p) = self.pool.as_mut() {
+                    p.refill_one();
+                }
+                continue;
+            }
+            // Exits first: an init that ended on time must not be reported as timed out.
+            let exited: Vec<RawFd> = pfds[1..]
+                .iter()
+                .filter(|p| p.revents != 0)
+                .map(|p| p.fd)
+                .collect();
+            for fd in exited {
+                self.reap(fd);
+            }
+            let now = Instant::now();
+            for a in &mut self.actions {
+                if a.deadline.is_some_and(|d| d <= now) {
+                    a.deadline = None;
+                    a.timed_out = true;
+                    tracing::debug!(pid = a.pid, "sandbox timed out: killing it");
+                    let _ = sys::pidfd_send_signal(a.pidfd.as_fd(), libc::SIGKILL);
+                }
+            }
+            if pfds[0].revents != 0 {
+                match protocol::recv::<WireRequest>(self.ctl.as_fd(), 3) {
+                    Ok(Received::Msg(req, fds)) => self.launch(req, fds),
+                    Ok(Received::Eof) => break,
+                    Err(e) => {
+                        tracing::error!("sandbox helper: bad request: {e}");
+                        if pfds[0].revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        // The launcher is gone. Sandboxes still running die with us
+        // (PDEATHSIG); finished ones live on in the fds the launcher held.
+        for a in &self.actions {
+            let _ = sys::pidfd_send_signal(a.pidfd.as_fd(), libc::SIGKILL);
+        }
+        Ok(())
+    }
+
+    fn reap(&mut self, pidfd: RawFd) {
+        let Some(i) = self
+            .actions
+            .iter()
+            .position(|a| a.pidfd.as_raw_fd() == pidfd)
+        else {
+            return;
+        };
+        let a = self.actions.swap_remove(i);
+        let reaped = match sys::waitid_pidfd(a.pidfd.as_fd()) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(pid = a.pid, "waitid on sandbox init: {e}");
+                Reaped::Signaled(libc::SIGKILL)
+            }
+        };
+        // Every process of the sandbox is gone with its init (the kernel
+        // kills and waits for the PID namespace before the init is reaped).
+        if let (Some(ns), Some(pool)) = (a.netns, self.pool.as_mut()) {
+            pool.give_back(ns);
+        }
+        let (status, killed) = match reaped {
+            Reaped::Exited(0) if !a.timed_out => return,
+            _ if a.timed_out => (ExitStatus::Signaled(libc::SIGKILL), KilledBy::Timeout),
+            Reaped::Exited(c) => (ExitStatus::Exited(c), KilledBy::InitDied),
+            Reaped::Signaled(s) => (ExitStatus::Signaled(s), KilledBy::InitDied),
+        };
+        let outcome = Outcome {
+            status,
+            timed_out: killed == KilledBy::Timeout,
+            cancelled: false,
+            wall: Duration::ZERO,
+            user: Duration::ZERO,
+            sys: Duration::ZERO,
+            peak_rss_bytes: 0,
+            setup: Duration::ZERO,
+            warnings: Vec::new(),
+        };
+        let _ = protocol::send(
+            a.sock.as_fd(),
+            &Reply::Finished {
+                outcome,
+                exec_ns: 0,
+                killed: Some(killed),
+            },
+            &[],
+        );
+    }
+
+    fn launch(&mut self, req: WireRequest, mut fds: Vec<OwnedFd>) {
+        if fds.len() != 3 {
+            tracing::error!(
+                "sandbox request with {} fds instead of 3: dropped",
+                fds.len()
+            );
+            return;
+        }
+        let stderr = fds.pop().expect("3 fds");
+        let stdout = fds.pop().expect("3 fds");
+        let sock = fds.pop().expect("3 fds");
+        match self.start(req, &sock, stdout, stderr) {
+            Ok(a) => self.actions.push(a),
+            Err(e) => {
+                tracing::debug!("sandbox set-up failed in the helper: {e}");
+                let _ = protocol::send(sock.as_fd(), &Reply::Error(e), &[]);
+            }
+        }
+    }
+
+    fn start(
+        &mut self,
+        req: WireRequest,
+        sock: &OwnedFd,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    ) -> Result<Action, SetupError> {
+        if req.backend == BackendKind::Oci {
+            return crate::oci::start_in_helper(self_ctx(self), req, sock, stdout, stderr);
+        }
+        let mut flags = userns::NS_FLAGS;
+        let mut netns = None;
+        if !req.network {
+            match self.pool.as_mut() {
+                Some(pool) => {
+                    netns = Some(
+                        pool.take()
+                            .map_err(|e| SetupError::new("create a network namespace", e))?,
+                    )
+                }
+                None => flags |= libc::CLONE_NEWNET as u64,
+            }
+        }
+        let fresh_netns = flags & libc::CLONE_NEWNET as u64 != 0;
+        let (sync_r, sync_w) = sys::pipe().map_err(|e| SetupError::new("pipe", e))?;
+        if let (Some(ns), Some(pool)) = (&netns, &self.pool) {
+            pool.enter(ns)
+                .map_err(|e| SetupError::new("join pooled network namespace", e))?;
+        }
+        // SAFETY: the helper is single-threaded.
+        let forked = unsafe { sys::clone3_fork(flags) };
+        if let (Some(_), Some(pool)) = (&netns, &self.pool) {
+            if matches!(forked, Ok(Forked::Parent { .. }) | Err(_)) {
+                pool.leave();
+            }
+        }
+        let (pid, pidfd) = match forked {
+            Err(e) => {
+                if let (Some(ns), Some(pool)) = (netns, self.pool.as_mut()) {
+                    pool.give_back(ns);
+                }
+                return Err(SetupError::new("clone3 into new namespaces", e));
+            }
+            Ok(Forked::Child) => {
+                drop(sync_w);
+                let action = sock.try_clone().unwrap_or_else(|_| sys::exit_now(3));
+                userns::init_main(userns::InitArgs {
+                    req,
+                    action,
+                    stdout,
+                    stderr,
+                    sync: sync_r,
+                    base: self.base.clone(),
+                    fresh_netns,
+                    allow_setgroups: self.privileged,
+                    last_cap: self.last_cap,
+                })
+            }
+            Ok(Forked::Parent { pid, pidfd }) => (pid, pidfd),
+        };
+        drop(sync_r);
+        let map = IdMap {
+            inside_uid: req.uid,
+            inside_gid: req.gid,
+            outside_uid: self.outside_uid,
+            outside_gid: self.outside_gid,
+            allow_setgroups: self.privileged,
+        };
+        if let Err((file, e)) = map.write_for(pid) {
+            let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+            let _ = sys::waitid_pidfd(pidfd.as_fd());
+            if let (Some(ns), Some(pool)) = (netns, self.pool.as_mut()) {
+                pool.give_back(ns);
+            }
+            return Err(SetupError::new(
+                format!(
+                    "write {file} ({} → {})",
+                    if file == "gid_map" {
+                        map.gid_map()
+                    } else {
+                        map.uid_map()
+                    }
+                    .trim(),
+                    "sandbox"
+                ),
+                e,
+            ));
+        }
+        let _ = sys::write_all(sync_w.as_fd(), b"1");
+        Ok(Action {
+            pidfd,
+            pid,
+            sock: sock
+                .try_clone()
+                .map_err(|_| SetupError::new("dup action socket", Errno::EMFILE))?,
+            deadline: req.timeout.map(|t| Instant::now() + t),
+            netns,
+            timed_out: false,
+        })
+    }
+}
+
+/// What the OCI backend needs from the helper.
+pub(crate) struct HelperCtx {
+    pub outside_uid: u32,
+    pub outside_gid: u32,
+    pub privileged: bool,
+    pub last_cap: libc::c_ulong,
+}
+
+fn self_ctx(h: &Helper) -> HelperCtx {
+    HelperCtx {
+        outside_uid: h.outside_uid,
+        outside_gid: h.outside_gid,
+        privileged: h.privileged,
+        last_cap: h.last_cap,
+    }
+}
+
+/// An action the OCI backend started, for the helper to supervise.
+pub(crate) fn oci_action(
+    pidfd: OwnedFd,
+    pid: libc::pid_t,
+    sock: &OwnedFd,
+    timeout: Option<Duration>,
+) -> Result<Action, SetupError> {
+    Ok(Action {
+        pidfd,
+        pid,
+        sock: sock
+            .try_clone()
+            .map_err(|_| SetupError::new("dup action socket", Errno::EMFILE))?,
+        deadline: timeout.map(|t| Instant::now() + t),
+        netns: None,
+        timed_out: false,
+    })
+}

@@ -1,0 +1,402 @@
+//! The caller's side: [`Launcher`] (owns the helper process), [`Running`],
+//! [`Finished`] and [`KillHandle`].
+
+use std::ffi::OsString;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::errno::Errno;
+
+use crate::error::{Result, SandboxError};
+use crate::helper::{CTL_FD_ENV, POOL_ENV};
+use crate::outcome::Outcome;
+use crate::protocol::{self, KilledBy, Received, Reply, WireRequest};
+use crate::request::{BackendKind, SandboxRequest, Stdio};
+use crate::root::RootDir;
+use crate::sys;
+
+/// The hidden argument the `kiln` binary answers by calling [`helper_main`](crate::helper_main).
+pub const HELPER_ARG: &str = "__sandbox-helper";
+
+/// How to start the helper and which backend it runs.
+#[derive(Debug, Clone)]
+pub struct LauncherConfig {
+    /// The executable to re-exec as the helper (default `/proc/self/exe`:
+    /// the very binary running, even if it was replaced on disk since).
+    pub program: PathBuf,
+    /// Its arguments (default `[HELPER_ARG]`). A wrapper such as
+    /// `setpriv --reuid=65534 … kiln __sandbox-helper` may be expressed by
+    /// making `program` the wrapper.
+    pub args: Vec<OsString>,
+    /// Empty network namespaces a privileged helper keeps ready (0: none).
+    pub netns_pool: usize,
+    pub backend: BackendKind,
+    /// For [`BackendKind::Oci`]: run this OCI runtime binary (`crun`, `runc`).
+    /// `None`: Kiln's built-in OCI runtime, in the helper.
+    pub oci_runtime: Option<PathBuf>,
+}
+
+impl LauncherConfig {
+    /// Re-exec the running binary with [`HELPER_ARG`].
+    pub fn current_exe() -> Self {
+        LauncherConfig::new("/proc/self/exe", [HELPER_ARG])
+    }
+
+    pub fn new<I, S>(program: impl Into<PathBuf>, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        LauncherConfig {
+            program: program.into(),
+            args: args.into_iter().map(Into::into).collect(),
+            netns_pool: 4,
+            backend: BackendKind::Userns,
+            oci_runtime: None,
+        }
+    }
+}
+
+struct HelperProc {
+    child: Child,
+    ctl: Arc<OwnedFd>,
+}
+
+/// Starts sandboxes through one long-lived, single-threaded helper process.
+/// `Send + Sync`: share it (e.g. in an `Arc`) and call [`spawn`](Self::spawn)
+/// from any number of threads at once. Must outlive the [`Running`]
+/// sandboxes it started (dropping it kills them); [`Finished`] ones stay
+/// readable.
+pub struct Launcher {
+    cfg: LauncherConfig,
+    helper: Mutex<HelperProc>,
+}
+
+fn start_helper(cfg: &LauncherConfig) -> Result<HelperProc> {
+    let (ours, theirs) =
+        sys::socketpair_seqpacket().map_err(|e| SandboxError::io("socketpair", e.into()))?;
+    let fd = theirs.as_raw_fd();
+    let mut cmd = Command::new(&cfg.program);
+    cmd.args(&cfg.args)
+        .env(CTL_FD_ENV, fd.to_string())
+        .env(POOL_ENV, cfg.netns_pool.to_string())
+        .stdin(std::process::Stdio::null());
+    // SAFETY: only fcntl, which is async-signal-safe, runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| {
+        SandboxError::io(format!("start sandbox helper {}", cfg.program.display()), e)
+    })?;
+    drop(theirs);
+    tracing::debug!(pid = child.id(), program = %cfg.program.display(), "sandbox helper started");
+    Ok(HelperProc {
+        child,
+        ctl: Arc::new(ours),
+    })
+}
+
+fn open_stdio(s: Stdio, what: &str) -> Result<OwnedFd> {
+    match s {
+        Stdio::Fd(fd) => Ok(fd),
+        Stdio::Null => std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .map(Into::into)
+            .map_err(|e| SandboxError::io("open /dev/null", e)),
+        Stdio::File(p) => std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .map(Into::into)
+            .map_err(|e| SandboxError::io(format!("open {what} file {}", p.display()), e)),
+    }
+}
+
+impl Launcher {
+    /// Starts the helper now, so the first sandbox does not pay for it.
+    pub fn new(cfg: LauncherConfig) -> Result<Launcher> {
+        let helper = start_helper(&cfg)?;
+        Ok(Launcher {
+            cfg,
+            helper: Mutex::new(helper),
+        })
+    }
+
+    pub fn config(&self) -> &LauncherConfig {
+        &self.cfg
+    }
+
+    /// The helper's control socket, restarting the helper if it died.
+    fn ctl(&self, restart: bool) -> Result<Arc<OwnedFd>> {
+        let mut h = self.helper.lock().unwrap_or_else(|p| p.into_inner());
+        let dead = match h.child.try_wait() {
+            Ok(Some(status)) => Some(status.to_string()),
+            Ok(None) if restart => Some("stopped answering".to_string()),
+            Ok(None) => None,
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(why) = dead {
+            tracing::warn!(pid = h.child.id(), "sandbox helper {why}: restarting it");
+            let _ = h.child.kill();
+            let _ = h.child.wait();
+            *h = start_helper(&self.cfg)?;
+        }
+        Ok(h.ctl.clone())
+    }
+
+    /// Starts one sandbox and returns once its command is about to run
+    /// (namespaces, mounts and `pivot_root` done). Set-up failures (a mount
+    /// that failed, with errno) are returned here; nothing is left behind.
+    pub fn spawn(&self, mut req: SandboxRequest) -> Result<Running> {
+        req.validate()?;
+        let t0 = sys::monotonic_ns();
+        let stdout = open_stdio(std::mem::replace(&mut req.stdout, Stdio::Null), "stdout")?;
+        let stderr = open_stdio(std::mem::replace(&mut req.stderr, Stdio::Null), "stderr")?;
+        let wire = WireRequest {
+            backend: self.cfg.backend,
+            root: req.root,
+            argv: req.argv,
+            env: req.env,
+            cwd: req.cwd,
+            uid: req.uid,
+            gid: req.gid,
+            network: req.network,
+            subtrees: req.subtrees,
+            timeout: req.timeout,
+            hostname: req.hostname,
+            oci_runtime: self.cfg.oci_runtime.clone(),
+        };
+        let (mine, theirs) =
+            sys::socketpair_seqpacket().map_err(|e| SandboxError::io("socketpair", e.into()))?;
+        let fds = [theirs.as_fd(), stdout.as_fd(), stderr.as_fd()];
+        let mut restarted = false;
+        loop {
+            let ctl = self.ctl(false)?;
+            match protocol::send(ctl.as_fd(), &wire, &fds) {
+                Ok(()) => break,
+                Err(Errno::EPIPE | Errno::ECONNRESET | Errno::ENOTCONN) if !restarted => {
+                    restarted = true;
+                    self.ctl(true)?;
+                }
+                Err(e) => {
+                    return Err(SandboxError::Helper(format!("sending the request: {e}")));
+                }
+            }
+        }
+        drop((theirs, stdout, stderr));
+
+        match protocol::recv::<Reply>(mine.as_fd(), 3) {
+            Ok(Received::Msg(
+                Reply::Ready {
+                    kiln_mounts,
+                    warnings,
+                },
+                fds,
+            )) => {
+                let [pidfd, root, mntns]: [OwnedFd; 3] = fds.try_into().map_err(|v: Vec<_>| {
+                    SandboxError::Helper(format!("ready message with {} fds instead of 3", v.len()))
+                })?;
+                Ok(Running {
+                    sock: mine,
+                    pidfd: Arc::new(pidfd),
+                    root,
+                    mntns,
+                    kiln_mounts,
+                    warnings,
+                    cancelled: Arc::new(AtomicBool::new(false)),
+                    t0,
+                })
+            }
+            Ok(Received::Msg(Reply::Error(e), _)) => Err(SandboxError::Setup(e)),
+            Ok(Received::Msg(Reply::Finished { .. }, _)) => Err(SandboxError::Helper(
+                "the sandbox ended (timeout?) before its set-up completed".into(),
+            )),
+            Ok(Received::Eof) => Err(SandboxError::Helper(
+                "the helper closed the sandbox's channel during set-up (did it die?)".into(),
+            )),
+            Err(e) => Err(SandboxError::Helper(format!(
+                "reading the set-up reply: {e}"
+            ))),
+        }
+    }
+}
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        let h = self.helper.get_mut().unwrap_or_else(|p| p.into_inner());
+        let _ = h.child.kill();
+        let _ = h.child.wait();
+    }
+}
+
+/// Kills a running sandbox from any thread: SIGKILL through a pidfd to the
+/// sandbox's PID 1, which takes every process of it down at once (nested
+/// PID namespaces included). A pidfd never signals a recycled pid.
+#[derive(Clone, Debug)]
+pub struct KillHandle {
+    pidfd: Arc<OwnedFd>,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl KillHandle {
+    pub fn kill(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        // ESRCH: already gone, which is what was asked.
+        let _ = sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL);
+    }
+}
+
+/// A sandbox whose command is running.
+#[derive(Debug)]
+pub struct Running {
+    sock: OwnedFd,
+    pidfd: Arc<OwnedFd>,
+    root: OwnedFd,
+    mntns: OwnedFd,
+    kiln_mounts: Vec<PathBuf>,
+    warnings: Vec<String>,
+    cancelled: Arc<AtomicBool>,
+    t0: u64,
+}
+
+impl Running {
+    /// The host pid of the sandbox's init (PID 1 inside), for logs.
+    pub fn pid(&self) -> Option<u32> {
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", self.pidfd.as_raw_fd()))
+            .ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("Pid:"))
+            .and_then(|p| p.trim().parse::<i64>().ok())
+            .filter(|p| *p > 0)
+            .map(|p| p as u32)
+    }
+
+    /// Kills the whole sandbox now; [`wait`](Self::wait) then reports it as cancelled.
+    pub fn kill(&self) {
+        self.kill_handle().kill()
+    }
+
+    /// A handle to [`kill`](Self::kill) from another thread while this one waits.
+    pub fn kill_handle(&self) -> KillHandle {
+        KillHandle {
+            pidfd: self.pidfd.clone(),
+            cancelled: self.cancelled.clone(),
+        }
+    }
+
+    /// An fd that becomes readable when [`wait`](Self::wait) would not block
+    /// (for callers with an event loop, e.g. tokio's `AsyncFd`).
+    pub fn wait_fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
+    /// Blocks until the command has exited and every other process of the
+    /// sandbox is dead (or it timed out / was killed). The mount namespace
+    /// stays alive in the returned [`Finished`] for collection.
+    pub fn wait(self) -> Result<Finished> {
+        loop {
+            match protocol::recv::<Reply>(self.sock.as_fd(), 0) {
+                Ok(Received::Msg(
+                    Reply::Finished {
+                        mut outcome,
+                        exec_ns,
+                        killed,
+                    },
+                    _,
+                )) => {
+                    if exec_ns > 0 {
+                        outcome.setup = Duration::from_nanos(exec_ns.saturating_sub(self.t0));
+                    }
+                    match killed {
+                        Some(KilledBy::Timeout) => outcome.timed_out = true,
+                        Some(KilledBy::InitDied) if self.cancelled.load(Ordering::SeqCst) => {
+                            outcome.cancelled = true
+                        }
+                        _ => {}
+                    }
+                    let mut warnings = self.warnings;
+                    warnings.append(&mut outcome.warnings);
+                    outcome.warnings = warnings;
+                    return Ok(Finished {
+                        outcome,
+                        root: RootDir::new(self.root),
+                        mntns: self.mntns,
+                        kiln_mounts: self.kiln_mounts,
+                        _sock: self.sock,
+                    });
+                }
+                Ok(Received::Msg(Reply::Error(e), _)) => return Err(SandboxError::Setup(e)),
+                Ok(Received::Msg(Reply::Ready { .. }, _)) => {
+                    return Err(SandboxError::Helper("a second ready message".into()));
+                }
+                Ok(Received::Eof) => {
+                    return Err(SandboxError::Helper(
+                        "the sandbox's channel closed without an outcome (did the helper die?)"
+                            .into(),
+                    ));
+                }
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(SandboxError::Helper(format!("reading the outcome: {e}"))),
+            }
+        }
+    }
+}
+
+/// A sandbox whose processes are all gone but whose filesystem (mount
+/// namespace) is kept until [`release`](Self::release) or drop.
+#[derive(Debug)]
+pub struct Finished {
+    pub outcome: Outcome,
+    root: RootDir,
+    mntns: OwnedFd,
+    kiln_mounts: Vec<PathBuf>,
+    _sock: OwnedFd,
+}
+
+impl Finished {
+    /// The sandbox's `/`, for reading outputs.
+    pub fn root(&self) -> &RootDir {
+        &self.root
+    }
+
+    /// Kiln's own mounts (`dev`, `proc`, `tmp`), relative to the root: treat
+    /// them as the empty directories they were staged as.
+    pub fn kiln_mounts(&self) -> &[PathBuf] {
+        &self.kiln_mounts
+    }
+
+    /// Lets the mount namespace go: the kernel unmounts everything in it
+    /// (overlay, binds, tmpfs). Same as dropping.
+    pub fn release(self) {
+        drop(self.root);
+        drop(self.mntns);
+    }
+}
+
+/// What every backend offers: start a request, get a [`Running`] sandbox.
+pub trait Backend: Send + Sync {
+    fn spawn(&self, req: SandboxRequest) -> Result<Running>;
+
+    /// `spawn` then `wait`.
+    fn run(&self, req: SandboxRequest) -> Result<Finished> {
+        self.spawn(req)?.wait()
+    }
+}
+
+impl Backend for Launcher {
+    fn spawn(&self, req: SandboxRequest) -> Result<Running> {
+        Launcher::spawn(self, req)
+    }
+}

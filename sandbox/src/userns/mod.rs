@@ -1,0 +1,160 @@
+//! The user-namespace chroot backend: the sandbox's init process.
+//!
+//! The helper `clone3`s this process straight into new user, mount, PID,
+//! IPC, UTS, cgroup and (unless the network is on) network namespaces, writes
+//! its uid/gid maps, and lets it go. From then on this process — PID 1 of
+//! the sandbox — does everything itself: mounts the root and Kiln's `/dev`,
+//! `/proc`, `/tmp`, `pivot_root`s, reports `Ready` (with fds to its root, its
+//! mount namespace and itself) to the launcher, runs the command as PID 2,
+//! and reports `Finished` after killing everything else.
+//!
+//! It exits 0 once it has reported (set-up error or outcome); any other end
+//! tells the helper the launcher still needs to hear something.
+
+pub(crate) mod caps;
+pub(crate) mod idmap;
+pub(crate) mod mounts;
+pub(crate) mod netns;
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::PathBuf;
+
+use crate::error::SetupError;
+use crate::init::{self, Exec};
+use crate::protocol::{self, Reply, WireRequest};
+use crate::sys;
+
+/// Namespaces every sandbox gets; `CLONE_NEWNET` is added when the network
+/// is off and no pooled namespace is joined instead.
+pub(crate) const NS_FLAGS: u64 = (libc::CLONE_NEWUSER
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWCGROUP) as u64;
+
+pub(crate) struct InitArgs {
+    pub req: WireRequest,
+    pub action: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    /// Readable once the helper has written our uid/gid maps.
+    pub sync: OwnedFd,
+    /// Mount point for the new root before `pivot_root`.
+    pub base: CString,
+    /// We own a brand-new network namespace and must bring `lo` up ourselves.
+    pub fresh_netns: bool,
+    pub allow_setgroups: bool,
+    pub last_cap: libc::c_ulong,
+}
+
+/// Entry of the sandbox's init, in the child of the helper's `clone3`.
+pub(crate) fn init_main(a: InitArgs) -> ! {
+    // Only what this sandbox needs stays open: the helper's other sockets,
+    // pidfds and pooled namespaces must not leak into (or be kept alive by) it.
+    let mut keep = [
+        a.action.as_raw_fd(),
+        a.stdout.as_raw_fd(),
+        a.stderr.as_raw_fd(),
+        a.sync.as_raw_fd(),
+        0,
+        1,
+        2,
+    ];
+    keep.sort_unstable();
+    let _ = sys::close_all_except(&keep);
+    // If the helper goes, its timeouts go with it: so must we.
+    let _ = sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+    let mut b = [0u8; 1];
+    if sys::read(a.sync.as_fd(), &mut b) != Ok(1) {
+        // The helper could not map our ids and reports that itself.
+        sys::exit_now(1);
+    }
+    drop(a.sync);
+
+    let action = a.action;
+    let report = |r: &Reply, fds: &[std::os::fd::BorrowedFd<'_>]| {
+        if protocol::send(action.as_fd(), r, fds).is_err() {
+            // The launcher is gone: nobody to run for.
+            sys::exit_now(2);
+        }
+    };
+    let ready = match set_up(&a.req, a.base, a.fresh_netns) {
+        Ok(r) => r,
+        Err(e) => {
+            report(&Reply::Error(e), &[]);
+            sys::exit_now(0);
+        }
+    };
+    report(
+        &Reply::Ready {
+            kiln_mounts: mounts::KILN_MOUNTS.iter().map(PathBuf::from).collect(),
+            warnings: Vec::new(),
+        },
+        &[ready.pidfd.as_fd(), ready.root.as_fd(), ready.mntns.as_fd()],
+    );
+    drop(ready);
+
+    let exec = Exec::new(
+        &a.req.argv,
+        &a.req.env,
+        a.stdout,
+        a.stderr,
+        a.allow_setgroups,
+        a.last_cap,
+    );
+    match init::run_as_init(&exec) {
+        Ok((outcome, exec_ns)) => report(
+            &Reply::Finished {
+                outcome,
+                exec_ns,
+                killed: None,
+            },
+            &[],
+        ),
+        Err(e) => report(&Reply::Error(e), &[]),
+    }
+    sys::exit_now(0)
+}
+
+struct Ready {
+    pidfd: OwnedFd,
+    root: OwnedFd,
+    mntns: OwnedFd,
+}
+
+fn set_up(req: &WireRequest, base: CString, fresh_netns: bool) -> Result<Ready, SetupError> {
+    // Nothing we mount may propagate back to the host.
+    sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None)
+        .map_err(|e| SetupError::new("make / private", e))?;
+    let ops = mounts::plan(&req.root, &req.cwd, &req.subtrees);
+    let mut live = mounts::Live::new(base);
+    mounts::apply(&ops, &mut live)?;
+    let root = live.root_fd().expect("root mounted");
+    mounts::pivot(root)?;
+    drop(live);
+
+    sys::sethostname(&req.hostname).map_err(|e| SetupError::new("sethostname", e))?;
+    if fresh_netns {
+        sys::loopback_up().map_err(|e| SetupError::new("bring up lo", e))?;
+    }
+    let cwd = sys::cpath(&PathBuf::from("/").join(&req.cwd));
+    sys::chdir(&cwd).map_err(|e| {
+        SetupError::new(
+            format!("chdir to working directory /{}", req.cwd.display()),
+            e,
+        )
+    })?;
+    // A session of our own: no controlling terminal, so /dev/tty leads nowhere.
+    // SAFETY: plain syscall.
+    unsafe { libc::setsid() };
+    let root = sys::open(c"/", libc::O_PATH | libc::O_DIRECTORY, 0)
+        .map_err(|e| SetupError::new("open /", e))?;
+    let mntns = sys::open(c"/proc/self/ns/mnt", libc::O_RDONLY, 0)
+        .map_err(|e| SetupError::new("open /proc/self/ns/mnt", e))?;
+    // SAFETY: plain syscall.
+    let pidfd = sys::pidfd_open(unsafe { libc::getpid() })
+        .map_err(|e| SetupError::new("pidfd_open(self)", e))?;
+    Ok(Ready { pidfd, root, mntns })
+}

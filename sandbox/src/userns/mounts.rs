@@ -1,0 +1,612 @@
+//! The sandbox's filesystem: what is mounted where, in which order.
+//!
+//! [`plan`] turns a request into a list of [`Op`]s (pure, unit-tested);
+//! [`apply`] runs them against a [`MountSys`], whose live implementation
+//! ([`Live`]) works inside the sandbox's fresh user and mount namespaces.
+//!
+//! Every path that comes from the staged root is resolved with
+//! `openat2(RESOLVE_IN_ROOT)` relative to the new root and then acted on
+//! through `/proc/self/fd/N`, so a symlink planted in the root (`tmp ->
+//! /etc`) is followed *inside* the root and can never make Kiln mount over,
+//! or expose, a host path — the mounts happen before `pivot_root`, while the
+//! host tree is still reachable.
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+
+use crate::error::SetupError;
+use crate::request::{Root, Subtree};
+use crate::sys::{self, RESOLVE_IN_ROOT, RESOLVE_NO_MAGICLINKS};
+
+/// Kiln's own mounts inside the root: the collector treats them as the empty
+/// directories they were staged as.
+pub(crate) const KILN_MOUNTS: [&str; 3] = ["dev", "proc", "tmp"];
+
+/// Device nodes bound from the host into the sandbox's `/dev`.
+pub(crate) const DEV_NODES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+pub(crate) const DEV_LINKS: [(&str, &str); 4] = [
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+];
+
+/// `/proc` files hidden behind `/dev/null` and directories behind an empty
+/// read-only tmpfs, and parts made read-only — the set runc uses. With a
+/// privileged helper the sandbox's uid *is* the host's uid 0 (without
+/// capabilities), and DAC alone would let it write `/proc/sysrq-trigger` or
+/// host sysctls; this closes that.
+pub(crate) const PROC_MASKED_FILES: [&str; 5] = [
+    "kcore",
+    "keys",
+    "timer_list",
+    "sched_debug",
+    "latency_stats",
+];
+pub(crate) const PROC_MASKED_DIRS: [&str; 3] = ["acpi", "scsi", "asound"];
+pub(crate) const PROC_READ_ONLY: [&str; 5] = ["sys", "sysrq-trigger", "irq", "bus", "fs"];
+
+const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Op {
+    /// Mount the root (bind or overlay) at the staging point and open it.
+    Root(Root),
+    /// `mkdir -p` inside the root.
+    EnsureDir(PathBuf),
+    /// Make the root mount `nosuid,nodev`, and read-only if asked.
+    RemountRoot {
+        read_only: bool,
+    },
+    Tmpfs {
+        target: PathBuf,
+        flags: libc::c_ulong,
+        data: String,
+    },
+    Proc(PathBuf),
+    DevNode(&'static str),
+    DevSymlink(&'static str, &'static str),
+    DevDir(&'static str, libc::mode_t),
+    /// Bind a subtree of the root onto itself, read-only or read-write.
+    BindSelf {
+        path: PathBuf,
+        read_only: bool,
+    },
+    /// Write a file under the sandbox's `/proc` (e.g. `sys/user/max_user_namespaces`).
+    WriteProc(&'static str, &'static str),
+    MaskProcFile(&'static str),
+    MaskProcDir(&'static str),
+    ProcReadOnly(&'static str),
+}
+
+/// Subtrees in pre-order (parents before children), so a writable directory
+/// inside a read-only one is mounted on top of it. The root itself (`""`) is
+/// handled by [`Op::RemountRoot`].
+fn ordered_subtrees(subtrees: &[Subtree]) -> Vec<Subtree> {
+    let mut v: Vec<Subtree> = subtrees.to_vec();
+    v.sort_by_key(|s| s.path.components().count());
+    // Later entries for the same path win; keep only the last.
+    let mut out: Vec<Subtree> = Vec::new();
+    for s in v {
+        out.retain(|o| o.path != s.path);
+        out.push(s);
+    }
+    out.sort_by_key(|s| s.path.components().count());
+    out
+}
+
+pub(crate) fn plan(root: &Root, cwd: &Path, subtrees: &[Subtree]) -> Vec<Op> {
+    let subtrees = ordered_subtrees(subtrees);
+    let root_ro = subtrees
+        .iter()
+        .any(|s| s.path.as_os_str().is_empty() && s.read_only);
+    let mut ops = vec![Op::Root(root.clone())];
+    // Directories are created before anything turns read-only.
+    for m in KILN_MOUNTS {
+        ops.push(Op::EnsureDir(PathBuf::from(m)));
+    }
+    if !cwd.as_os_str().is_empty() {
+        ops.push(Op::EnsureDir(cwd.to_path_buf()));
+    }
+    ops.push(Op::RemountRoot { read_only: root_ro });
+    ops.push(Op::Tmpfs {
+        target: "dev".into(),
+        flags: NOSUID_NODEV | libc::MS_NOEXEC,
+        data: "mode=0755,size=64k,nr_inodes=64".into(),
+    });
+    for n in DEV_NODES {
+        ops.push(Op::DevNode(n));
+    }
+    for (n, t) in DEV_LINKS {
+        ops.push(Op::DevSymlink(n, t));
+    }
+    ops.push(Op::DevDir("shm", 0o1777));
+    ops.push(Op::Tmpfs {
+        target: "tmp".into(),
+        flags: NOSUID_NODEV,
+        data: "mode=1777".into(),
+    });
+    ops.push(Op::Proc("proc".into()));
+    for s in subtrees.iter().filter(|s| !s.path.as_os_str().is_empty()) {
+        ops.push(Op::BindSelf {
+            path: s.path.clone(),
+            read_only: s.read_only,
+        });
+    }
+    // No nested user namespaces: without them an action can never hold
+    // CAP_SYS_ADMIN again, so it cannot mount, unmount Kiln's masks or ptrace
+    // across a namespace boundary. Must precede making /proc/sys read-only.
+    ops.push(Op::WriteProc("sys/user/max_user_namespaces", "0"));
+    for f in PROC_MASKED_FILES {
+        ops.push(Op::MaskProcFile(f));
+    }
+    for d in PROC_MASKED_DIRS {
+        ops.push(Op::MaskProcDir(d));
+    }
+    for p in PROC_READ_ONLY {
+        ops.push(Op::ProcReadOnly(p));
+    }
+    ops
+}
+
+/// What [`apply`] needs from the system; [`Live`] is the real thing.
+pub(crate) trait MountSys {
+    fn op(&mut self, op: &Op) -> Result<(), SetupError>;
+}
+
+pub(crate) fn apply(ops: &[Op], sys: &mut impl MountSys) -> Result<(), SetupError> {
+    for op in ops {
+        sys.op(op)?;
+    }
+    Ok(())
+}
+
+/// Mounts for real, in the calling process's (fresh, private) mount namespace.
+pub(crate) struct Live {
+    /// Where the new root is mounted before `pivot_root` (e.g. `/tmp`: in a
+    /// private mount namespace, covering it does not affect the host).
+    base: CString,
+    root: Option<OwnedFd>,
+    dev: Option<OwnedFd>,
+    proc_: Option<OwnedFd>,
+}
+
+fn err(step: String) -> impl FnOnce(Errno) -> SetupError {
+    move |e| SetupError::new(step, e)
+}
+
+fn rel_c(p: &Path) -> CString {
+    if p.as_os_str().is_empty() {
+        c".".into()
+    } else {
+        sys::cpath(p)
+    }
+}
+
+impl Live {
+    pub fn new(base: CString) -> Self {
+        Live {
+            base,
+            root: None,
+            dev: None,
+            proc_: None,
+        }
+    }
+
+    /// The new root, once mounted.
+    pub fn root_fd(&self) -> Option<&OwnedFd> {
+        self.root.as_ref()
+    }
+
+    fn root(&self) -> &OwnedFd {
+        self.root.as_ref().expect("Op::Root comes first")
+    }
+
+    /// Resolves `rel` inside the new root (symlinks followed, but never out of it).
+    fn resolve(&self, rel: &Path, flags: libc::c_int) -> Result<OwnedFd, Errno> {
+        sys::openat2(
+            self.root().as_fd(),
+            &rel_c(rel),
+            flags | libc::O_PATH,
+            0,
+            RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS,
+        )
+    }
+
+    fn mount_root(&mut self, root: &Root) -> Result<(), SetupError> {
+        let base_s = self.base.to_string_lossy().into_owned();
+        match root {
+            Root::Dir(dir) => {
+                let src = sys::cpath(dir);
+                sys::mount(Some(&src), &self.base, None, libc::MS_BIND, None)
+                    .map_err(err(format!("bind {} on {base_s}", dir.display())))?;
+            }
+            Root::Overlay {
+                lowers,
+                upper,
+                work,
+            } => {
+                let lower = lowers
+                    .iter()
+                    .map(|p| p.to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(":");
+                let data = format!(
+                    "lowerdir={lower},upperdir={},workdir={},userxattr,volatile",
+                    upper.display(),
+                    work.display()
+                );
+                if data.len() >= 4096 {
+                    return Err(SetupError {
+                        step: format!(
+                            "overlay options are {} bytes, over the kernel's 4095",
+                            data.len()
+                        ),
+                        errno: Errno::E2BIG as i32,
+                    });
+                }
+                let data_c = CString::new(data).expect("checked for NUL");
+                sys::mount(
+                    Some(c"overlay"),
+                    &self.base,
+                    Some(c"overlay"),
+                    NOSUID_NODEV,
+                    Some(&data_c),
+                )
+                .map_err(err(format!(
+                    "mount overlay (upper {}, {} lower layers) on {base_s}",
+                    upper.display(),
+                    lowers.len()
+                )))?;
+            }
+        }
+        let fd = sys::open(&self.base, libc::O_PATH | libc::O_DIRECTORY, 0)
+            .map_err(err(format!("open new root at {base_s}")))?;
+        self.root = Some(fd);
+        Ok(())
+    }
+
+    fn ensure_dir(&self, rel: &Path) -> Result<(), SetupError> {
+        let mut cur = PathBuf::new();
+        for comp in rel.components() {
+            let parent = cur.clone();
+            cur.push(comp);
+            match self.resolve(&cur, libc::O_DIRECTORY) {
+                Ok(_) => continue,
+                Err(Errno::ENOENT) => {}
+                Err(e) => return Err(SetupError::new(format!("open /{}", cur.display()), e)),
+            }
+            let pfd = self
+                .resolve(&parent, libc::O_DIRECTORY)
+                .map_err(err(format!("open /{}", parent.display())))?;
+            let name = sys::cpath(Path::new(comp.as_os_str()));
+            match sys::mkdirat(pfd.as_fd(), &name, 0o755) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(SetupError::new(format!("mkdir /{}", cur.display()), e)),
+            }
+            // A dangling symlink in the root makes mkdir say EEXIST; insist
+            // on a directory.
+            self.resolve(&cur, libc::O_DIRECTORY)
+                .map_err(err(format!("create directory /{}", cur.display())))?;
+        }
+        Ok(())
+    }
+
+    fn remount_root(&self, read_only: bool) -> Result<(), SetupError> {
+        let mut flags = libc::MS_REMOUNT | libc::MS_BIND | NOSUID_NODEV;
+        if read_only {
+            flags |= libc::MS_RDONLY;
+        }
+        sys::mount(None, &self.base, None, flags, None).map_err(err(format!(
+            "remount root nosuid,nodev{}",
+            if read_only { ",ro" } else { "" }
+        )))
+    }
+
+    fn tmpfs(&mut self, target: &Path, flags: libc::c_ulong, data: &str) -> Result<(), SetupError> {
+        let fd = self
+            .resolve(target, libc::O_DIRECTORY)
+            .map_err(err(format!("open /{}", target.display())))?;
+        let data_c = CString::new(data).expect("no NUL");
+        sys::mount(
+            Some(c"tmpfs"),
+            &sys::fd_path(fd.as_fd(), None),
+            Some(c"tmpfs"),
+            flags,
+            Some(&data_c),
+        )
+        .map_err(err(format!("mount tmpfs on /{}", target.display())))?;
+        if target == Path::new("dev") {
+            self.dev = Some(
+                self.resolve(target, libc::O_DIRECTORY)
+                    .map_err(err("open /dev".into()))?,
+            );
+        }
+        Ok(())
+    }
+
+    fn proc(&mut self, target: &Path) -> Result<(), SetupError> {
+        let fd = self
+            .resolve(target, libc::O_DIRECTORY)
+            .map_err(err(format!("open /{}", target.display())))?;
+        sys::mount(
+            Some(c"proc"),
+            &sys::fd_path(fd.as_fd(), None),
+            Some(c"proc"),
+            NOSUID_NODEV | libc::MS_NOEXEC,
+            None,
+        )
+        .map_err(err(format!("mount proc on /{}", target.display())))?;
+        self.proc_ = Some(
+            self.resolve(target, libc::O_DIRECTORY)
+                .map_err(err("open /proc".into()))?,
+        );
+        Ok(())
+    }
+
+    fn dev(&self) -> &OwnedFd {
+        self.dev.as_ref().expect("dev tmpfs mounted first")
+    }
+
+    fn proc_fd(&self) -> &OwnedFd {
+        self.proc_.as_ref().expect("proc mounted first")
+    }
+
+    fn dev_node(&self, name: &str) -> Result<(), SetupError> {
+        let name_c = CString::new(name).expect("no NUL");
+        sys::openat(
+            self.dev().as_fd(),
+            &name_c,
+            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+            0o666,
+        )
+        .map_err(err(format!("create /dev/{name}")))?;
+        let src = CString::new(format!("/dev/{name}")).expect("no NUL");
+        sys::mount(
+            Some(&src),
+            &sys::fd_path(self.dev().as_fd(), Some(name)),
+            None,
+            libc::MS_BIND,
+            None,
+        )
+        .map_err(err(format!("bind host /dev/{name} on /dev/{name}")))
+    }
+
+    fn bind_self(&self, path: &Path, read_only: bool) -> Result<(), SetupError> {
+        let shown = format!("/{}", path.display());
+        let fd = self
+            .resolve(path, 0)
+            .map_err(err(format!("open {shown}")))?;
+        let p = sys::fd_path(fd.as_fd(), None);
+        sys::mount(Some(&p), &p, None, libc::MS_BIND | libc::MS_REC, None)
+            .map_err(err(format!("bind {shown} on itself")))?;
+        // The fd still names the covered inode: resolve again to reach the new mount.
+        let top = self
+            .resolve(path, 0)
+            .map_err(err(format!("open {shown}")))?;
+        let mut flags = libc::MS_REMOUNT | libc::MS_BIND | NOSUID_NODEV;
+        if read_only {
+            flags |= libc::MS_RDONLY;
+        }
+        sys::mount(None, &sys::fd_path(top.as_fd(), None), None, flags, None).map_err(err(format!(
+            "remount {shown} {}",
+            if read_only { "read-only" } else { "read-write" }
+        )))
+    }
+
+    fn proc_path(&self, rel: &str) -> CString {
+        sys::fd_path(self.proc_fd().as_fd(), Some(rel))
+    }
+}
+
+impl MountSys for Live {
+    fn op(&mut self, op: &Op) -> Result<(), SetupError> {
+        match op {
+            Op::Root(root) => self.mount_root(root),
+            Op::EnsureDir(p) => self.ensure_dir(p),
+            Op::RemountRoot { read_only } => self.remount_root(*read_only),
+            Op::Tmpfs {
+                target,
+                flags,
+                data,
+            } => self.tmpfs(target, *flags, data),
+            Op::Proc(p) => self.proc(p),
+            Op::DevNode(n) => self.dev_node(n),
+            Op::DevSymlink(name, target) => {
+                let (n, t) = (CString::new(*name).unwrap(), CString::new(*target).unwrap());
+                sys::symlinkat(&t, self.dev().as_fd(), &n)
+                    .map_err(err(format!("symlink /dev/{name}")))
+            }
+            Op::DevDir(name, mode) => {
+                let n = CString::new(*name).unwrap();
+                sys::mkdirat(self.dev().as_fd(), &n, *mode)
+                    .map_err(err(format!("mkdir /dev/{name}")))?;
+                // mkdir applies the umask; shm must be world-writable and sticky.
+                let fd = sys::openat(
+                    self.dev().as_fd(),
+                    &n,
+                    libc::O_DIRECTORY | libc::O_RDONLY,
+                    0,
+                )
+                .map_err(err(format!("open /dev/{name}")))?;
+                // SAFETY: plain syscall on an fd we own.
+                if unsafe { libc::fchmod(std::os::fd::AsRawFd::as_raw_fd(&fd), *mode) } != 0 {
+                    return Err(SetupError::new(format!("chmod /dev/{name}"), Errno::last()));
+                }
+                Ok(())
+            }
+            Op::BindSelf { path, read_only } => self.bind_self(path, *read_only),
+            Op::WriteProc(rel, contents) => {
+                match sys::write_file(&self.proc_path(rel), contents.as_bytes()) {
+                    // Kernels without the knob: nothing to harden.
+                    Ok(()) | Err(Errno::ENOENT) => Ok(()),
+                    Err(e) => Err(SetupError::new(format!("write /proc/{rel}"), e)),
+                }
+            }
+            Op::MaskProcFile(rel) => {
+                match sys::mount(
+                    Some(c"/dev/null"),
+                    &self.proc_path(rel),
+                    None,
+                    libc::MS_BIND,
+                    None,
+                ) {
+                    Ok(()) | Err(Errno::ENOENT) => Ok(()),
+                    Err(e) => Err(SetupError::new(format!("mask /proc/{rel}"), e)),
+                }
+            }
+            Op::MaskProcDir(rel) => {
+                match sys::mount(
+                    Some(c"tmpfs"),
+                    &self.proc_path(rel),
+                    Some(c"tmpfs"),
+                    libc::MS_RDONLY | NOSUID_NODEV | libc::MS_NOEXEC,
+                    Some(c"mode=0555"),
+                ) {
+                    Ok(()) | Err(Errno::ENOENT) => Ok(()),
+                    Err(e) => Err(SetupError::new(format!("mask /proc/{rel}"), e)),
+                }
+            }
+            Op::ProcReadOnly(rel) => {
+                let p = self.proc_path(rel);
+                match sys::mount(Some(&p), &p, None, libc::MS_BIND | libc::MS_REC, None) {
+                    Ok(()) => {}
+                    Err(Errno::ENOENT) => return Ok(()),
+                    Err(e) => {
+                        return Err(SetupError::new(format!("bind /proc/{rel} on itself"), e));
+                    }
+                }
+                sys::mount(
+                    None,
+                    &p,
+                    None,
+                    libc::MS_REMOUNT
+                        | libc::MS_BIND
+                        | libc::MS_RDONLY
+                        | NOSUID_NODEV
+                        | libc::MS_NOEXEC,
+                    None,
+                )
+                .map_err(err(format!("remount /proc/{rel} read-only")))
+            }
+        }
+    }
+}
+
+/// Makes the new root `/` and lets go of the host's tree.
+pub(crate) fn pivot(root: &OwnedFd) -> Result<(), SetupError> {
+    sys::fchdir(root.as_fd()).map_err(err("chdir to the new root".into()))?;
+    sys::pivot_root(c".", c".").map_err(err("pivot_root".into()))?;
+    // The old root is now stacked on "/"; detach it and everything under it.
+    sys::umount2(c".", libc::MNT_DETACH).map_err(err("detach the host root".into()))?;
+    sys::chdir(c"/").map_err(err("chdir /".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(p: &str, ro: bool) -> Subtree {
+        Subtree {
+            path: p.into(),
+            read_only: ro,
+        }
+    }
+
+    #[test]
+    fn subtrees_are_applied_parents_first() {
+        let root = Root::Dir("/r".into());
+        let ops = plan(
+            &root,
+            Path::new("buildstream/p/el"),
+            &[
+                sub("buildstream-install", false),
+                sub("", true),
+                sub("usr/lib", false),
+                sub("usr", true),
+            ],
+        );
+        let binds: Vec<_> = ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::BindSelf { path, read_only } => Some((path.to_str().unwrap(), *read_only)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            binds,
+            [
+                ("usr", true),
+                ("buildstream-install", false),
+                ("usr/lib", false)
+            ]
+        );
+        assert!(ops.contains(&Op::RemountRoot { read_only: true }));
+    }
+
+    #[test]
+    fn directories_are_created_before_anything_is_read_only() {
+        let ops = plan(
+            &Root::Dir("/r".into()),
+            Path::new("src/x"),
+            &[sub("", true)],
+        );
+        let pos = |want: &Op| ops.iter().position(|o| o == want).unwrap();
+        let remount = pos(&Op::RemountRoot { read_only: true });
+        assert!(pos(&Op::EnsureDir("src/x".into())) < remount);
+        for m in KILN_MOUNTS {
+            assert!(pos(&Op::EnsureDir(m.into())) < remount);
+        }
+        assert_eq!(ops[0], Op::Root(Root::Dir("/r".into())));
+    }
+
+    #[test]
+    fn userns_limit_is_written_before_proc_sys_turns_read_only() {
+        let ops = plan(&Root::Dir("/r".into()), Path::new(""), &[]);
+        let w = ops
+            .iter()
+            .position(|o| matches!(o, Op::WriteProc("sys/user/max_user_namespaces", "0")))
+            .unwrap();
+        let ro = ops
+            .iter()
+            .position(|o| *o == Op::ProcReadOnly("sys"))
+            .unwrap();
+        let proc_ = ops.iter().position(|o| matches!(o, Op::Proc(_))).unwrap();
+        assert!(proc_ < w && w < ro);
+    }
+
+    #[test]
+    fn last_setting_for_a_path_wins() {
+        let s = ordered_subtrees(&[sub("a", true), sub("a", false)]);
+        assert_eq!(s, [sub("a", false)]);
+    }
+
+    /// Records what would be done: the order of operations is the contract.
+    struct Recorder(Vec<String>);
+    impl MountSys for Recorder {
+        fn op(&mut self, op: &Op) -> Result<(), SetupError> {
+            if let Op::BindSelf { path, .. } = op
+                && path == Path::new("fail")
+            {
+                return Err(SetupError::new("bind /fail", Errno::ENOENT));
+            }
+            self.0.push(format!("{op:?}"));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn apply_stops_at_the_first_failure_and_says_where() {
+        let ops = plan(&Root::Dir("/r".into()), Path::new(""), &[sub("fail", true)]);
+        let mut r = Recorder(Vec::new());
+        let e = apply(&ops, &mut r).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "bind /fail: No such file or directory (ENOENT)"
+        );
+        assert!(!r.0.iter().any(|s| s.contains("WriteProc")));
+    }
+}

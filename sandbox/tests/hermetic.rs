@@ -1,0 +1,398 @@
+//! The hermeticity suite: every test tries to get out of the sandbox and
+//! must fail. Each runs against every backend, with a privileged helper and
+//! with an unprivileged one (uid 65534).
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use kiln_sandbox::*;
+
+fn read_host_file(mode: Mode, backend: BackendKind) {
+    let fx = need_fixture!();
+    let l = launcher(mode, backend);
+    let s = Scratch::new(&fx, mode);
+    let secret = s.path("secret");
+    std::fs::write(&secret, "host-secret-1234\n").unwrap();
+    std::fs::write(s.root().join("inside"), "inside\n").unwrap();
+    // An absolute symlink staged in the root pointing at the host path.
+    std::os::unix::fs::symlink(&secret, s.root().join("link-abs")).unwrap();
+    std::os::unix::fs::symlink("../secret", s.root().join("link-rel")).unwrap();
+    let sp = secret.display().to_string();
+    let script = format!(
+        "cat {sp}; cat /../secret; cat ../secret; cat /link-abs; cat /link-rel; \
+         cat /proc/self/root/../secret; cat /proc/1/root/../secret; cat /proc/1/cwd/../secret; \
+         cd /; cd ..; cd ..; cat secret; cat /etc/shadow; ls /work /root /home; \
+         cat /inside; echo done"
+    );
+    let r = run_sh(&l, &s, &script);
+    assert!(
+        !r.stdout.contains("host-secret"),
+        "host file read: {}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("inside\ndone"),
+        "stdout: {} stderr: {}",
+        r.stdout,
+        r.stderr
+    );
+}
+
+fn reach_host_tcp(mode: Mode, backend: BackendKind) {
+    let fx = need_fixture!();
+    let p = need_probe!();
+    let l = launcher(mode, backend);
+    let s = Scratch::new(&fx, mode);
+    install_probe(&p, &s.root(), "probe", false);
+    let srv = HostServer::start();
+    let port = srv.port;
+    let r = run_sh(
+        &l,
+        &s,
+        &format!(
+            "/probe connect {port}; wget -q -T 2 -O - http://127.0.0.1:{port}/; ip -o link; ip -o addr"
+        ),
+    );
+    assert!(r.stdout.contains("connect: ECONNREFUSED"), "{}", r.stdout);
+    assert!(!r.stdout.contains("host-secret"));
+    // Only loopback inside, and it is up.
+    let links: Vec<&str> = r.stdout.lines().filter(|l| l.contains("mtu")).collect();
+    assert_eq!(links.len(), 1, "links: {links:?}");
+    assert!(
+        links[0].contains(": lo:") && links[0].contains("UP"),
+        "{links:?}"
+    );
+    // A server inside the sandbox on its own loopback works.
+    let r2 = run_sh(
+        &l,
+        &s,
+        "nc -l -p 7777 -e echo inside-lo & sleep 0.2; /probe connect 7777",
+    );
+    assert!(
+        r2.stdout.contains("connect: ok"),
+        "{} {}",
+        r2.stdout,
+        r2.stderr
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(srv.count(), 0, "the host server was reached");
+
+    // Positive control: with the network on, the same probe does connect.
+    let r = run_sh_with(&l, &s, &format!("/probe connect {port}"), |q| {
+        q.network = true
+    });
+    assert!(
+        r.stdout.contains("connect: ok"),
+        "{} {}",
+        r.stdout,
+        r.stderr
+    );
+}
+
+fn see_host_processes(mode: Mode, backend: BackendKind) {
+    let fx = need_fixture!();
+    let l = launcher(mode, backend);
+    let s = Scratch::new(&fx, mode);
+    let marker = format!("kiln-host-marker-{}", std::process::id());
+    let mut host = std::process::Command::new("sh")
+        .args(["-c", &format!("sleep 20; : {marker}")])
+        .spawn()
+        .unwrap();
+    let r = run_sh(
+        &l,
+        &s,
+        "cat /proc/[0-9]*/cmdline | tr '\\0' ' '; echo; ls /proc | grep -c '^[0-9]'",
+    );
+    let _ = host.kill();
+    let _ = host.wait();
+    assert!(!r.stdout.contains(&marker), "{}", r.stdout);
+    let count: usize = r.stdout.lines().last().unwrap().trim().parse().unwrap();
+    assert!(count <= 4, "{count} processes visible: {}", r.stdout);
+}
+
+fn see_host_environment(mode: Mode, backend: BackendKind) {
+    let fx = need_fixture!();
+    let l = launcher(mode, backend);
+    let s = Scratch::new(&fx, mode);
+    let (out, err) = (s.path("out"), s.path("err"));
+    let mut req = SandboxRequest::new(Root::Dir(s.root()), vec!["/bin/env".into()]);
+    req.env = vec![
+        ("PATH".into(), "/bin".into()),
+        ("ONLY".into(), "this".into()),
+    ];
+    req.stdout = Stdio::File(out.clone());
+    req.stderr = Stdio::File(err);
+    let f = l.spawn(req).unwrap().wait().unwrap();
+    assert!(f.outcome.status.success());
+    assert_eq!(
+        std::fs::read_to_string(out).unwrap(),
+        "PATH=/bin\nONLY=this\n"
+    );
+}
+
+fn setuid_binary(mode: Mode, backend: BackendKind) {
+    let fx = need_fixture!();
+    let p = need_probe!();
+    let l = launcher(mode, backend);
+    let s = Scratch::new(&fx, mode);
+    install_probe(&p, &s.root(), "suid", true);
+    let r = run_sh_with(
+        &l,
+        &s,
+        "/suid ids; /suid setuid0; grep -E '^(Cap|NoNewPrivs)' /proc/self/status",
+        |q| {
+            q.uid = 1000;
+            q.gid = 1000;
+        },
+    );
+    assert!(
+        r.stdout
+            .contains("uid=1000 euid=1000 suid=1000 gid=1000 egid=1000"),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
+    assert!(
+        r.stdout.contains("setuid0: EPERM") || r.stdout.contains("setuid0: EINVAL"),
+        "{}",
+        r.stdout
+    );
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert!(
+            r.stdout.contains(&format!("{set}:\t0000000000000000")),
+            "{set}: {}",
+            r.stdout
+        );
+    }
+    assert!(r.stdout.contains("NoNewPrivs:\t1"), "{}", r.stdout);
+}
+
+fn mount_ptrace_mknod(mode: Mode, backend: BackendKind) {
+    let fx = need_fixture!();
+    let p = need_probe!();
+    let l = launcher(mode, backend);
+    let s = Scratch::new(&fx, mode);
+    install_probe(&p, &s.root(), "probe", false);
+    let r = run_sh(
+        &l,
+        &s,
+        "for v in mount umount-proc mknod chroot unshare-user unshare-mount; do /probe $v; done; \
+         /probe ptrace 1; sleep 5 & /probe ptrace $!; \
+         mount -t tmpfs none /tmp 2>&1; unshare -r -m true 2>&1; hostname evil 2>&1; hostname",
+    );
+    for v in ["mount", "umount-proc", "mknod", "chroot", "unshare-mount"] {
+        assert!(
+            r.stdout.contains(&format!("{v}: EPERM")),
+            "{v}: {}",
+            r.stdout
+        );
+    }
+    // No nested user namespace: max_user_namespaces is 0 inside.
+    assert!(
+        r.stdout.contains("unshare-user: ENOSPC") || r.stdout.contains("unshare-user: EPERM"),
+        "{}",
+        r.stdout
+    );
+    // The sandbox's init holds capabilities in its namespace: never traceable.
+    assert!(r.stdout.contains("ptrace: EPERM"), "{}", r.stdout);
+    assert!(
+        r.stdout.trim_end().ends_with("kiln"),
+        "hostname changed: {}",
+        r.stdout
+    );
+}
+
+fn proc_and_sys_are_read_only(mode: Mode, backend: BackendKind) {
+    let fx = need_fixture!();
+    let l = launcher(mode, backend);
+    let s = Scratch::new(&fx, mode);
+    // Opening for write is enough to prove it; nothing is written.
+    let r = run_sh(
+        &l,
+        &s,
+        "for f in /proc/sysrq-trigger /proc/sys/vm/drop_caches /proc/sys/kernel/core_pattern \
+         /proc/sys/net/ipv4/ip_forward /proc/sys/user/max_user_namespaces; do \
+           if (exec 3>>$f) 2>/dev/null; then echo WRITABLE $f; else echo denied $f; fi; done; \
+         cat /proc/sys/user/max_user_namespaces; cat /proc/kcore 2>&1 | head -c 10 | wc -c; ls /sys 2>&1 | head -1",
+    );
+    assert!(!r.stdout.contains("WRITABLE"), "{}", r.stdout);
+    assert_eq!(r.stdout.matches("denied").count(), 5, "{}", r.stdout);
+    assert!(
+        r.stdout.contains("\n0\n"),
+        "max_user_namespaces: {}",
+        r.stdout
+    );
+}
+
+fn leave_process_after_timeout(mode: Mode, backend: BackendKind) {
+    let fx = need_fixture!();
+    let l = launcher(mode, backend);
+    let s = Scratch::new(&fx, mode);
+    let marker = format!("kiln-daemon-{}-{mode:?}-{backend:?}", std::process::id());
+    let (out, err) = (s.path("out"), s.path("err"));
+    let script = format!(
+        "sh -c 'sleep 1000; : {marker}' & setsid sh -c 'sleep 1000; : {marker}' & \
+         (sh -c 'trap \"\" TERM HUP; sleep 1000; : {marker}' &) ; \
+         echo partial > /partial; sleep 1000"
+    );
+    let mut req = sh_request(Root::Dir(s.root()), &script, &out, &err);
+    req.timeout = Some(Duration::from_millis(700));
+    let running = l.spawn(req).unwrap();
+    let pid = running.pid().expect("init pid");
+    let ns = std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap();
+    let ns = ns.to_string_lossy().into_owned();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(processes_in_pidns(&ns).len() >= 4, "the daemons did start");
+    let f = running.wait().unwrap();
+    assert!(f.outcome.timed_out, "{:?}", f.outcome);
+    assert_eq!(f.outcome.status, ExitStatus::Signaled(9));
+    // Partial outputs stay readable after a timeout.
+    let partial = std::io::read_to_string(f.root().open(Path::new("partial")).unwrap()).unwrap();
+    assert_eq!(partial, "partial\n");
+    assert_eq!(processes_in_pidns(&ns), Vec::<u32>::new());
+    assert_eq!(processes_with(&marker), Vec::<u32>::new());
+    f.release();
+
+    // The same when the command simply exits, leaving daemons behind.
+    let script =
+        format!("setsid sh -c 'sleep 1000; : {marker}' & sh -c 'sleep 1000; : {marker}' & exit 0");
+    let req = sh_request(Root::Dir(s.root()), &script, &out, &err);
+    let running = l.spawn(req).unwrap();
+    let pid = running.pid().unwrap();
+    let ns = std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let f = running.wait().unwrap();
+    assert_eq!(f.outcome.status, ExitStatus::Exited(0));
+    // Only Kiln's init may still be on its way out once the outcome is in.
+    let left: Vec<u32> = processes_in_pidns(&ns)
+        .into_iter()
+        .filter(|p| *p != pid)
+        .collect();
+    assert_eq!(left, Vec::<u32>::new());
+    assert_eq!(processes_with(&marker), Vec::<u32>::new());
+    for _ in 0..200 {
+        if processes_in_pidns(&ns).is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("the sandbox's init did not exit");
+}
+
+fn write_beyond_root(mode: Mode, backend: BackendKind) {
+    let fx = need_fixture!();
+    let l = launcher(mode, backend);
+    let s = Scratch::new(&fx, mode);
+    let outside = s.path("outside");
+    std::fs::create_dir(&outside).unwrap();
+    if mode == Mode::Unprivileged {
+        std::os::unix::fs::chown(&outside, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    std::os::unix::fs::symlink(&outside, s.root().join("out-link")).unwrap();
+    let o = outside.display().to_string();
+    let script = format!(
+        "echo a > /proc/self/root/../escaped-a; echo b > /../escaped-b; echo c > ../../escaped-c; \
+         echo d > /proc/1/root/../escaped-d; echo e > /out-link/escaped-e; mkdir -p {o}; echo f > {o}/escaped-f; \
+         ln -s {o} /l2; echo g > /l2/escaped-g; true"
+    );
+    let r = run_sh(&l, &s, &script);
+    assert!(r.outcome.status.success(), "{}", r.stderr);
+    let escaped: Vec<_> = std::fs::read_dir(&outside)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(escaped.is_empty(), "wrote outside the root: {escaped:?}");
+    for x in ["a", "b", "c"] {
+        assert!(!s.path(&format!("escaped-{x}")).exists());
+        assert!(
+            s.root().join(format!("escaped-{x}")).exists(),
+            "{x} landed inside"
+        );
+    }
+}
+
+fn staged_symlinks_cannot_redirect_mounts(mode: Mode, backend: BackendKind) {
+    let fx = need_fixture!();
+    let l = launcher(mode, backend);
+    let s = Scratch::new(&fx, mode);
+    let outside = s.path("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("keep"), "x").unwrap();
+    if mode == Mode::Unprivileged {
+        std::os::unix::fs::chown(&outside, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    // /tmp and a read-only subtree are symlinks to a host directory.
+    std::fs::remove_dir(s.root().join("tmp")).unwrap();
+    std::os::unix::fs::symlink(&outside, s.root().join("tmp")).unwrap();
+    std::os::unix::fs::symlink(&outside, s.root().join("ro")).unwrap();
+    let before = host_mounts_with(&outside.display().to_string());
+    let res = l.spawn({
+        let mut q = sh_request(
+            Root::Dir(s.root()),
+            "ls /tmp; echo x > /tmp/new; true",
+            &s.path("o"),
+            &s.path("e"),
+        );
+        q.subtrees = vec![Subtree {
+            path: "ro".into(),
+            read_only: true,
+        }];
+        q
+    });
+    // Either set-up refuses (the link target does not exist inside the root)
+    // or it mounts inside: never over the host directory.
+    if let Ok(r) = res {
+        let f = r.wait().unwrap();
+        drop(f);
+    }
+    assert!(!outside.join("new").exists());
+    assert!(outside.join("keep").exists());
+    assert_eq!(host_mounts_with(&outside.display().to_string()), before);
+}
+
+fn devices_are_minimal(mode: Mode, backend: BackendKind) {
+    let fx = need_fixture!();
+    let l = launcher(mode, backend);
+    let s = Scratch::new(&fx, mode);
+    let r = run_sh(
+        &l,
+        &s,
+        "ls /dev | tr '\\n' ' '; echo; head -c 4 /dev/zero | wc -c; head -c 4 /dev/urandom | wc -c; \
+         echo x > /dev/null && echo null-ok; (echo x > /dev/full) 2>/dev/null || echo full-ok; \
+         (exec 3</dev/tty) 2>/dev/null && echo TTY || echo no-tty; touch /dev/shm/x && echo shm-ok; \
+         readlink /dev/fd; readlink /dev/stdout",
+    );
+    assert_eq!(
+        r.stdout.lines().next().unwrap().trim(),
+        "fd full null random shm stderr stdin stdout tty urandom zero"
+    );
+    for w in [
+        "null-ok",
+        "full-ok",
+        "no-tty",
+        "shm-ok",
+        "/proc/self/fd\n/proc/self/fd/1",
+    ] {
+        assert!(r.stdout.contains(w), "{w}: {}", r.stdout);
+    }
+}
+
+matrix!(
+    read_host_file,
+    reach_host_tcp,
+    see_host_processes,
+    see_host_environment,
+    setuid_binary,
+    mount_ptrace_mknod,
+    proc_and_sys_are_read_only,
+    leave_process_after_timeout,
+    write_beyond_root,
+    staged_symlinks_cannot_redirect_mounts,
+    devices_are_minimal,
+);
