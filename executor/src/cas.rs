@@ -143,7 +143,7 @@ impl CasClient {
     /// Reads blobs that fit batch calls, verifying each one.
     pub async fn read_small(&self, digests: &[Digest]) -> Result<Vec<(Digest, Bytes)>> {
         let mut out = Vec::with_capacity(digests.len());
-        for batch in batches(digests) {
+        for batch in batches(digests.to_vec(), |d| d.size_bytes) {
             let resp = self
                 .cas
                 .clone()
@@ -219,24 +219,18 @@ impl CasClient {
         Ok(())
     }
 
-    /// Uploads small blobs in batches.
+    /// Uploads small blobs, one batch call per group that fits.
     pub async fn write_small(&self, blobs: Vec<(Digest, Bytes)>) -> Result<()> {
-        let mut batch: Vec<batch_update_blobs_request::Request> = Vec::new();
-        let mut size = 0i64;
-        for (d, data) in blobs {
-            if size + d.size_bytes > BATCH_TOTAL_LIMIT && !batch.is_empty() {
-                self.send_batch(std::mem::take(&mut batch)).await?;
-                size = 0;
-            }
-            size += d.size_bytes;
-            batch.push(batch_update_blobs_request::Request {
-                digest: Some(d),
-                data: data.to_vec(),
-                compressor: 0,
-            });
-        }
-        if !batch.is_empty() {
-            self.send_batch(batch).await?;
+        for batch in batches(blobs, |(d, _)| d.size_bytes) {
+            let requests = batch
+                .into_iter()
+                .map(|(d, data)| batch_update_blobs_request::Request {
+                    digest: Some(d),
+                    data: data.to_vec(),
+                    compressor: 0,
+                })
+                .collect();
+            self.send_batch(requests).await?;
         }
         Ok(())
     }
@@ -329,17 +323,18 @@ fn prefix(instance: &str) -> String {
     }
 }
 
-/// Splits digests into groups that fit one batch call.
-fn batches(digests: &[Digest]) -> Vec<Vec<Digest>> {
-    let mut out: Vec<Vec<Digest>> = Vec::new();
+/// Splits items into groups whose total size fits one batch call.
+pub fn batches<T>(items: Vec<T>, size_of: impl Fn(&T) -> i64) -> Vec<Vec<T>> {
+    let mut out: Vec<Vec<T>> = Vec::new();
     let mut size = 0i64;
-    for d in digests {
-        if out.is_empty() || size + d.size_bytes > BATCH_TOTAL_LIMIT {
+    for item in items {
+        let n = size_of(&item);
+        if out.is_empty() || size + n > BATCH_TOTAL_LIMIT {
             out.push(Vec::new());
             size = 0;
         }
-        size += d.size_bytes;
-        out.last_mut().expect("pushed above").push(d.clone());
+        size += n;
+        out.last_mut().expect("pushed above").push(item);
     }
     out
 }

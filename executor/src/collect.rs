@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -116,8 +116,8 @@ pub struct Collected {
 
 /// Where collection reads from.
 pub struct Source<'a> {
-    /// A directory fd of the sandbox root.
-    pub root: &'a OwnedFd,
+    /// A directory fd of the sandbox root (`O_PATH` is enough).
+    pub root: BorrowedFd<'a>,
     /// Kiln's own mount points, relative to the root (e.g. `proc`, `dev`,
     /// `tmp`): reported as empty directories.
     pub mounts: &'a [String],
@@ -268,7 +268,8 @@ impl Collector<'_> {
         rel: &str,
     ) -> Result<()> {
         let fd = match parent {
-            None => dup(self.src.root)?,
+            None => open_in_root(self.src.root, "")?
+                .ok_or_else(|| Error::Internal("the sandbox root is gone".into()))?,
             Some(p) => open_dir_nofollow(p, leaf).map_err(|e| io_err("open", rel, e))?,
         };
         let mut tree_dirs: Vec<(Digest, Directory)> = Vec::new();
@@ -536,10 +537,6 @@ fn owned(fd: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
-fn dup(fd: &OwnedFd) -> Result<OwnedFd> {
-    fd.try_clone().map_err(|e| Error::io("dup", "/", e))
-}
-
 fn open_dir_nofollow(parent: &OwnedFd, name: &str) -> nix::Result<OwnedFd> {
     openat(
         Some(parent.as_raw_fd()),
@@ -550,12 +547,11 @@ fn open_dir_nofollow(parent: &OwnedFd, name: &str) -> nix::Result<OwnedFd> {
     .map(owned)
 }
 
-/// Opens a directory by a path relative to the root, resolving `..` and
-/// symlinks as if the root were `/`. None when it does not exist.
-pub fn open_in_root(root: &OwnedFd, rel: &str) -> Result<Option<OwnedFd>> {
-    if rel.is_empty() {
-        return dup(root).map(Some);
-    }
+/// Opens a directory by a path relative to the root (`""`: the root
+/// itself), resolving `..` and symlinks as if the root were `/`. None when
+/// it does not exist.
+pub fn open_in_root(root: BorrowedFd, rel: &str) -> Result<Option<OwnedFd>> {
+    let rel = if rel.is_empty() { "." } else { rel };
     let how = OpenHow::new()
         .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
         .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
@@ -585,6 +581,7 @@ fn list_dir(fd: &OwnedFd) -> nix::Result<Vec<String>> {
 mod tests {
     use super::*;
     use std::fs;
+    use std::os::fd::AsFd;
     use std::os::unix::fs::{PermissionsExt, symlink};
 
     #[test]
@@ -628,7 +625,7 @@ mod tests {
         let (_dir, cache, root) = setup();
         let mounts = vec!["proc".to_string()];
         let src = Source {
-            root: &root,
+            root: root.as_fd(),
             mounts: &mounts,
             cache: &cache,
             trust_inodes: false,
@@ -677,7 +674,7 @@ mod tests {
         let (_dir, cache, root) = setup();
         let mounts = vec!["proc".to_string()];
         let src = Source {
-            root: &root,
+            root: root.as_fd(),
             mounts: &mounts,
             cache: &cache,
             trust_inodes: false,
@@ -721,7 +718,7 @@ mod tests {
     fn output_symlinks_out_of_the_root_are_not_followed() {
         let (_dir, cache, root) = setup();
         let src = Source {
-            root: &root,
+            root: root.as_fd(),
             mounts: &[],
             cache: &cache,
             trust_inodes: false,
@@ -743,7 +740,7 @@ mod tests {
         let big = vec![7u8; (IN_MEMORY_LIMIT + 1) as usize];
         fs::write(dir.path().join("root/out/big"), &big).unwrap();
         let src = Source {
-            root: &root,
+            root: root.as_fd(),
             mounts: &[],
             cache: &cache,
             trust_inodes: true,

@@ -32,6 +32,8 @@ pub enum Error {
         context: String,
         status: tonic::Status,
     },
+    #[error("sandbox: {0}")]
+    Sandbox(#[from] kiln_sandbox::SandboxError),
     #[error("base root filesystem: {0}")]
     BaseRoot(String),
     #[error("the action was cancelled")]
@@ -82,6 +84,12 @@ impl Error {
                 (Code::FailedPrecondition, vec![any])
             }
             Error::InvalidTree(_) | Error::InvalidOutputPath { .. } => {
+                (Code::InvalidArgument, Vec::new())
+            }
+            // The request was checked by the server already; what the
+            // sandbox still refuses (e.g. a working directory that resolves
+            // outside the root through a symlink) is the action's fault.
+            Error::Sandbox(kiln_sandbox::SandboxError::InvalidRequest(_)) => {
                 (Code::InvalidArgument, Vec::new())
             }
             Error::BaseRoot(_) => (Code::FailedPrecondition, Vec::new()),
