@@ -131,28 +131,12 @@ pub struct Source<'a> {
 /// Lexically resolves an output path against the working directory; the
 /// result is relative to the root (`""` is the root itself).
 pub fn resolve_output_path(working_directory: &str, path: &str) -> Result<String> {
-    let bad = |why: &str| Error::InvalidOutputPath {
-        path: path.to_string(),
-        why: why.to_string(),
-    };
-    if path.starts_with('/') {
-        return Err(bad(
-            "is absolute; output paths are relative to the working directory",
-        ));
-    }
-    let mut parts: Vec<&str> = Vec::new();
-    for component in working_directory.split('/').chain(path.split('/')) {
-        match component {
-            "" | "." => {}
-            ".." => {
-                if parts.pop().is_none() {
-                    return Err(bad("escapes the input root"));
-                }
-            }
-            c => parts.push(c),
+    kiln_proto::tree::resolve_relative(working_directory, path).map_err(|why| {
+        Error::InvalidOutputPath {
+            path: path.to_string(),
+            why: why.to_string(),
         }
-    }
-    Ok(parts.join("/"))
+    })
 }
 
 pub fn collect(spec: &OutputSpec, src: &Source) -> Result<Collected> {

@@ -79,6 +79,29 @@ pub fn validate_directory(dir: &Directory) -> Result<(), String> {
     Ok(())
 }
 
+/// Resolves `path` (an output path, or a working directory when `base` is
+/// empty) against `base` lexically; the result is relative to the input root
+/// (`""` is the root itself). Absolute paths and paths climbing above the
+/// root are refused with the reason.
+pub fn resolve_relative(base: &str, path: &str) -> Result<String, &'static str> {
+    if path.starts_with('/') || base.starts_with('/') {
+        return Err("is absolute; paths are relative to the working directory");
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for component in base.split('/').chain(path.split('/')) {
+        match component {
+            "" | "." => {}
+            ".." => {
+                if parts.pop().is_none() {
+                    return Err("escapes the input root");
+                }
+            }
+            c => parts.push(c),
+        }
+    }
+    Ok(parts.join("/"))
+}
+
 /// The `SubtreeReadOnly` marking of a directory, if it has one.
 pub fn subtree_read_only(dir: &Directory) -> Option<bool> {
     dir.node_properties

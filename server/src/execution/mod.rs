@@ -1,0 +1,156 @@
+//! Remote execution on the server: the Execution and Operations services,
+//! the worker-protocol service, and the state behind them (operations,
+//! workers, the scheduler, the journal that survives restarts).
+
+mod journal;
+mod service;
+mod state;
+mod validate;
+mod workers;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use service::{ExecutionService, OperationsService};
+pub use state::{ExecutionState, OpTimes, OpView, Totals, WorkerView};
+pub use workers::WorkersService;
+
+use crate::action_cache::ActionCache;
+use crate::error::Result;
+use crate::instances::Instances;
+use crate::storage::Cas;
+
+/// `[execution]` in the server's config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecutionConfig {
+    /// Longest `Action.timeout` accepted; longer ones are INVALID_ARGUMENT.
+    /// Default: 86400 s (one day).
+    #[serde(with = "secs")]
+    pub max_action_timeout: Duration,
+    /// Timeout for actions that set none. Default: none beyond the maximum.
+    #[serde(with = "opt_secs")]
+    pub default_action_timeout: Option<Duration>,
+    /// Ignore platform properties Kiln does not know instead of rejecting
+    /// the action with INVALID_ARGUMENT. Default: false.
+    pub ignore_unknown_properties: bool,
+    /// After start, while no worker has ever connected, actions are queued
+    /// rather than rejected for want of a worker. Default: 15 s.
+    #[serde(with = "secs")]
+    pub startup_grace: Duration,
+    /// A worker platform stays "possible" this long after its last worker
+    /// left (or after a restart), so reconnecting workers find their actions
+    /// waiting; after it, queued actions for it fail with
+    /// FAILED_PRECONDITION. Default: 60 s.
+    #[serde(with = "secs")]
+    pub worker_loss_grace: Duration,
+    /// After a restart, how long a running action waits for its worker to
+    /// reconnect and claim it before it is queued again. Default: 30 s.
+    #[serde(with = "secs")]
+    pub reattach_grace: Duration,
+    /// Worker keepalive interval; a worker silent for three intervals is
+    /// considered gone. Default: 5 s.
+    #[serde(with = "secs")]
+    pub keepalive: Duration,
+    /// Attempts an action gets when its workers vanish. Default: 3.
+    pub max_attempts: u32,
+    /// How long finished operations stay answerable (GetOperation,
+    /// WaitExecution). Default: 3600 s.
+    #[serde(with = "secs")]
+    pub completed_retention: Duration,
+    /// At most this many finished operations are kept. Default: 100000.
+    pub completed_max: usize,
+    /// fsync the operations journal after each batch of writes (survives
+    /// power loss, costs latency). Default: false.
+    pub journal_fsync: bool,
+}
+
+impl Default for ExecutionConfig {
+    fn default() -> Self {
+        Self {
+            max_action_timeout: Duration::from_secs(86_400),
+            default_action_timeout: None,
+            ignore_unknown_properties: false,
+            startup_grace: Duration::from_secs(15),
+            worker_loss_grace: Duration::from_secs(60),
+            reattach_grace: Duration::from_secs(30),
+            keepalive: Duration::from_secs(5),
+            max_attempts: 3,
+            completed_retention: Duration::from_secs(3600),
+            completed_max: 100_000,
+            journal_fsync: false,
+        }
+    }
+}
+
+mod secs {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_secs_f64(f64::deserialize(d)?))
+    }
+}
+
+mod opt_secs {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.map(Duration::from_secs_f64))
+    }
+}
+
+/// The three services and their shared state, ready to be added to the
+/// server.
+pub struct Execution {
+    pub state: Arc<ExecutionState>,
+    pub execution: ExecutionService,
+    pub operations: OperationsService,
+    pub workers: WorkersService,
+}
+
+impl Execution {
+    /// Builds the services; `journal_dir` None keeps operations in memory
+    /// only. Spawns the housekeeping task (needs a tokio runtime).
+    pub fn new(
+        config: ExecutionConfig,
+        cas: Cas,
+        ac: ActionCache,
+        instances: Instances,
+        journal_dir: Option<&Path>,
+    ) -> Result<Self> {
+        let (journal, records) = match journal_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| crate::error::Error::io("create directory", dir, e))?;
+                let retention = config.completed_retention;
+                journal::Journal::open(&dir.join("operations.journal"), config.journal_fsync, |r| {
+                    ExecutionState::compact(r, retention)
+                })?
+            }
+            None => (journal::Journal::disabled(), Vec::new()),
+        };
+        let state = Arc::new(ExecutionState::new(config.clone(), ac, journal));
+        state.restore(records);
+        let valid = Arc::new(validate::ValidTrees::default());
+        let tick_state = Arc::downgrade(&state);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                interval.tick().await;
+                match tick_state.upgrade() {
+                    Some(s) => s.tick(),
+                    None => return,
+                }
+            }
+        });
+        Ok(Self {
+            execution: ExecutionService::new(Arc::clone(&state), cas, instances.clone(), valid),
+            operations: OperationsService::new(Arc::clone(&state)),
+            workers: WorkersService::new(Arc::clone(&state)),
+            state,
+        })
+    }
+}

@@ -1,0 +1,219 @@
+//! Everything checked before an action is queued (ARCHITECTURE step 1):
+//! the Action and Command exist and decode, paths stay inside the root, the
+//! platform is understood, and the whole input tree is well formed and
+//! present. Errors here are returned by Execute itself, and no worker is
+//! bothered with the action.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kiln_proto::reapi::{Action, Command, ExecuteRequest};
+use kiln_proto::tree::{resolve_relative, validate_directory};
+use prost::Message;
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::scheduler::Requirements;
+use crate::storage::Cas;
+use crate::tree;
+
+use super::ExecutionConfig;
+
+/// An action that passed every check.
+#[derive(Debug, Clone)]
+pub struct CheckedAction {
+    pub instance: String,
+    pub action_digest: Digest,
+    pub action: Action,
+    pub action_bytes: Bytes,
+    pub command_bytes: Bytes,
+    pub requirements: Requirements,
+    /// The platform properties as sent, for the worker.
+    pub properties: Vec<(String, String)>,
+    pub timeout: Option<Duration>,
+}
+
+/// Trees whose every Directory was found well formed. Validity is a pure
+/// function of the digest, so this never goes stale (presence of the blobs
+/// is checked separately).
+#[derive(Debug, Default)]
+pub struct ValidTrees {
+    set: Mutex<HashSet<Digest>>,
+}
+
+const VALID_TREES_MAX: usize = 100_000;
+
+impl ValidTrees {
+    fn contains(&self, d: &Digest) -> bool {
+        self.set.lock().expect("valid trees").contains(d)
+    }
+
+    fn insert(&self, d: Digest) {
+        let mut set = self.set.lock().expect("valid trees");
+        if set.len() >= VALID_TREES_MAX {
+            set.clear();
+        }
+        set.insert(d);
+    }
+}
+
+pub async fn check(
+    cas: &Cas,
+    valid: &ValidTrees,
+    config: &ExecutionConfig,
+    req: &ExecuteRequest,
+) -> Result<CheckedAction> {
+    crate::digest::check_digest_function(req.digest_function)?;
+    let action_digest = Digest::from_field(req.action_digest.as_ref(), "action_digest")?;
+    let action_bytes = fetch(cas, &action_digest, "the Action").await?;
+    let action = Action::decode(action_bytes.clone()).map_err(|source| Error::Decode {
+        what: "Action",
+        digest: action_digest,
+        source,
+    })?;
+    let command_digest = Digest::from_field(action.command_digest.as_ref(), "action.command_digest")?;
+    let input_root = Digest::from_field(action.input_root_digest.as_ref(), "action.input_root_digest")?;
+    let command_bytes = fetch(cas, &command_digest, "the Command").await?;
+    let command = Command::decode(command_bytes.clone()).map_err(|source| Error::Decode {
+        what: "Command",
+        digest: command_digest,
+        source,
+    })?;
+
+    check_command(&command)?;
+
+    // Action.platform wins; older clients set only Command.platform.
+    #[allow(deprecated)]
+    let platform = action
+        .platform
+        .as_ref()
+        .filter(|p| !p.properties.is_empty())
+        .or(command.platform.as_ref());
+    let properties: Vec<(String, String)> = platform
+        .map(|p| {
+            p.properties
+                .iter()
+                .map(|p| (p.name.clone(), p.value.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let requirements = Requirements::parse(
+        properties.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        config.ignore_unknown_properties,
+    )
+    .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+
+    let timeout = effective_timeout(&action, config)?;
+
+    let mut missing = check_tree(cas, valid, input_root, "input root").await?;
+    if let Some((hash, size)) = &requirements.chroot_root_digest {
+        let base = Digest::parse(hash, *size)?;
+        missing.extend(check_tree(cas, valid, base, "chrootRootDigest").await?);
+    }
+    if !missing.is_empty() {
+        return Err(Error::MissingBlobs {
+            context: format!("action {action_digest}"),
+            missing,
+        });
+    }
+
+    Ok(CheckedAction {
+        instance: req.instance_name.clone(),
+        action_digest,
+        action,
+        action_bytes,
+        command_bytes,
+        requirements,
+        properties,
+        timeout,
+    })
+}
+
+async fn fetch(cas: &Cas, d: &Digest, what: &str) -> Result<Bytes> {
+    cas.get(d).await?.ok_or_else(|| Error::MissingBlobs {
+        context: format!("{what} {d}"),
+        missing: vec![*d],
+    })
+}
+
+#[allow(deprecated)]
+fn check_command(cmd: &Command) -> Result<()> {
+    if cmd.arguments.is_empty() || cmd.arguments[0].is_empty() {
+        return Err(Error::InvalidArgument(
+            "the Command has no arguments: arguments[0] must name the program to run".into(),
+        ));
+    }
+    let wd = resolve_relative("", &cmd.working_directory).map_err(|why| {
+        Error::InvalidArgument(format!(
+            "working_directory {:?} {why}",
+            cmd.working_directory
+        ))
+    })?;
+    let outputs = cmd
+        .output_paths
+        .iter()
+        .chain(&cmd.output_files)
+        .chain(&cmd.output_directories);
+    for p in outputs {
+        resolve_relative(&wd, p).map_err(|why| {
+            Error::InvalidArgument(format!(
+                "output path {p:?} (relative to working directory {:?}) {why}",
+                cmd.working_directory
+            ))
+        })?;
+    }
+    let mut names = HashSet::new();
+    for v in &cmd.environment_variables {
+        if v.name.is_empty() || v.name.contains('=') || v.name.contains('\0') || v.value.contains('\0') {
+            return Err(Error::InvalidArgument(format!(
+                "environment variable {:?} has an invalid name or value",
+                v.name
+            )));
+        }
+        if !names.insert(v.name.as_str()) {
+            return Err(Error::InvalidArgument(format!(
+                "environment variable {:?} is set twice",
+                v.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn effective_timeout(action: &Action, config: &ExecutionConfig) -> Result<Option<Duration>> {
+    let asked = action.timeout.as_ref().map(|t| {
+        Duration::from_secs(t.seconds.max(0) as u64) + Duration::from_nanos(t.nanos.max(0) as u64)
+    });
+    match asked {
+        Some(t) if t > config.max_action_timeout => Err(Error::InvalidArgument(format!(
+            "action timeout of {:?} exceeds this server's maximum of {:?}",
+            t, config.max_action_timeout
+        ))),
+        Some(t) if !t.is_zero() => Ok(Some(t)),
+        _ => Ok(config.default_action_timeout.or(Some(config.max_action_timeout))),
+    }
+}
+
+/// Every blob of the tree under `root` the CAS lacks, after checking every
+/// Directory is well formed (INVALID_ARGUMENT naming the directory and the
+/// entry otherwise).
+async fn check_tree(cas: &Cas, valid: &ValidTrees, root: Digest, what: &str) -> Result<Vec<Digest>> {
+    if valid.contains(&root) {
+        return tree::missing_in_directory_tree(cas, root).await;
+    }
+    let walk = tree::walk(cas, root).await?;
+    for (d, dir) in &walk.directories {
+        validate_directory(dir).map_err(|why| {
+            Error::InvalidArgument(format!("{what} {root}: directory {d}: {why}"))
+        })?;
+    }
+    let mut missing = walk.missing;
+    let files = tree::file_digests(walk.directories.iter().map(|(_, d)| d))?;
+    missing.extend(cas.find_missing(&files).await?);
+    if missing.is_empty() {
+        valid.insert(root);
+    }
+    Ok(missing)
+}
