@@ -1,0 +1,250 @@
+//! Server configuration: typed structs that parse the TOML file and back the
+//! command-line flags. Every field has a documented default; unknown keys
+//! are errors.
+//!
+//! ```toml
+//! listen = "127.0.0.1:50051"
+//! data_dir = "/var/cache/kiln"
+//! instance_names = ["main", "ci/linux"]
+//!
+//! [storage]
+//! backend = "disk"
+//! max_size_bytes = 17179869184
+//!
+//! [cas]
+//! max_batch_total_size_bytes = 4194304
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Everything `kiln serve` needs to know.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address of the single gRPC endpoint. Default `127.0.0.1:50051`.
+    /// Port 0 picks a free port. The socket is bound without
+    /// `SO_REUSEPORT`, so a port in use is a start-up error.
+    pub listen: SocketAddr,
+    /// Where Kiln keeps its data. Default `$XDG_CACHE_HOME/kiln`, or
+    /// `~/.cache/kiln` when `XDG_CACHE_HOME` is unset.
+    pub data_dir: Option<PathBuf>,
+    /// Instance names served in addition to `""`. Default none. A request
+    /// naming any other instance is INVALID_ARGUMENT. All instances share
+    /// one CAS; action-cache entries and asset mappings are per instance.
+    pub instance_names: Vec<String>,
+    /// The blob store.
+    pub storage: StorageConfig,
+    /// CAS and ByteStream protocol limits.
+    pub cas: CasConfig,
+    /// gRPC transport settings.
+    pub grpc: GrpcConfig,
+}
+
+/// Which backend holds blobs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Files under `data_dir` (durable).
+    Disk,
+    /// Memory (lost on exit; for tests and throwaway caches).
+    Memory,
+}
+
+/// The blob store.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `"disk"` or `"memory"`. Default `"disk"`.
+    pub backend: Backend,
+    /// Size limit of the CAS in bytes; beyond it the least recently used
+    /// blobs are evicted. 0 means unlimited. Default 16 GiB.
+    pub max_size_bytes: u64,
+    /// Eviction brings the CAS down to this percentage of `max_size_bytes`.
+    /// Default 90.
+    pub evict_to_percent: u8,
+    /// fsync every blob and record (and its directory) before acknowledging
+    /// it. Default false: periodic checkpoints plus verification after an
+    /// unclean shutdown protect against power loss instead (see
+    /// `docs/storage.md`).
+    pub fsync: bool,
+    /// Seconds between checkpoints (`syncfs` of the data directory). Blobs
+    /// written since the last checkpoint are rehashed after an unclean
+    /// shutdown. Default 30.
+    pub checkpoint_interval_secs: u64,
+}
+
+/// CAS and ByteStream protocol limits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CasConfig {
+    /// Advertised `max_batch_total_size_bytes`: the most blob data one
+    /// BatchUpdateBlobs or BatchReadBlobs may carry. Default 4 MiB (clients
+    /// such as buildbox-casd fill batches up to it).
+    pub max_batch_total_size_bytes: u64,
+    /// Size of the chunks ByteStream.Read sends. Default 256 KiB.
+    pub read_chunk_bytes: usize,
+    /// Seconds an interrupted ByteStream upload is kept for resumption
+    /// (QueryWriteStatus) after its last write. Default 600.
+    pub upload_idle_timeout_secs: u64,
+    /// Support and advertise zstd (`compressed-blobs/zstd/...` and batch
+    /// compressors). Default true.
+    pub zstd: bool,
+}
+
+/// gRPC transport settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    /// Largest gRPC message accepted or sent, in bytes. Must exceed
+    /// `cas.max_batch_total_size_bytes` with room for framing. Default 16 MiB
+    /// (tonic's own default of 4 MiB would reject full batches).
+    pub max_message_bytes: usize,
+    /// HTTP/2 per-stream flow-control window. Default 4 MiB (the HTTP/2
+    /// default of 64 KiB throttles ByteStream).
+    pub stream_window_bytes: u32,
+    /// HTTP/2 per-connection flow-control window. Default 16 MiB.
+    pub connection_window_bytes: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: None,
+            instance_names: Vec::new(),
+            storage: StorageConfig::default(),
+            cas: CasConfig::default(),
+            grpc: GrpcConfig::default(),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: Backend::Disk,
+            max_size_bytes: 16 << 30,
+            evict_to_percent: 90,
+            fsync: false,
+            checkpoint_interval_secs: 30,
+        }
+    }
+}
+
+impl Default for CasConfig {
+    fn default() -> Self {
+        CasConfig {
+            max_batch_total_size_bytes: 4 << 20,
+            read_chunk_bytes: 256 << 10,
+            upload_idle_timeout_secs: 600,
+            zstd: true,
+        }
+    }
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        GrpcConfig {
+            max_message_bytes: 16 << 20,
+            stream_window_bytes: 4 << 20,
+            connection_window_bytes: 16 << 20,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
+        Self::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let config: ServerConfig =
+            toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks settings that depend on each other.
+    pub fn validate(&self) -> Result<()> {
+        let batch = self.cas.max_batch_total_size_bytes;
+        if batch < 64 << 10 {
+            return Err(Error::Config(format!(
+                "cas.max_batch_total_size_bytes = {batch} is too small (at least 65536)"
+            )));
+        }
+        // Framing of a full batch of tiny blobs costs ~80 bytes per blob on
+        // top of the data; a quarter more covers any realistic batch.
+        let needed = batch + batch / 4 + (64 << 10);
+        if (self.grpc.max_message_bytes as u64) < needed {
+            return Err(Error::Config(format!(
+                "grpc.max_message_bytes = {} must be at least {needed} to carry a full batch of {batch} bytes",
+                self.grpc.max_message_bytes
+            )));
+        }
+        if self.cas.read_chunk_bytes == 0
+            || self.cas.read_chunk_bytes as u64 + (64 << 10) > self.grpc.max_message_bytes as u64
+        {
+            return Err(Error::Config(format!(
+                "cas.read_chunk_bytes = {} must be positive and fit in a gRPC message",
+                self.cas.read_chunk_bytes
+            )));
+        }
+        if self.storage.evict_to_percent == 0 || self.storage.evict_to_percent > 100 {
+            return Err(Error::Config(format!(
+                "storage.evict_to_percent = {} must be between 1 and 100",
+                self.storage.evict_to_percent
+            )));
+        }
+        crate::instances::Instances::new(&self.instance_names)?;
+        Ok(())
+    }
+
+    /// The data directory: the configured one, or the default.
+    pub fn data_dir(&self) -> PathBuf {
+        if let Some(d) = &self.data_dir {
+            return d.clone();
+        }
+        default_data_dir()
+    }
+}
+
+/// `$XDG_CACHE_HOME/kiln`, else `$HOME/.cache/kiln`, else `./kiln-data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("kiln");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(h).join(".cache").join("kiln");
+    }
+    PathBuf::from("kiln-data")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_parsing() {
+        let c = ServerConfig::from_toml("").unwrap();
+        assert_eq!(c, ServerConfig::default());
+        assert_eq!(c.listen.to_string(), "127.0.0.1:50051");
+        let c = ServerConfig::from_toml(
+            "listen = \"0.0.0.0:6000\"\ninstance_names = [\"a\"]\n[storage]\nbackend = \"memory\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.storage.backend, Backend::Memory);
+        assert_eq!(c.instance_names, vec!["a".to_string()]);
+        let e = ServerConfig::from_toml("[storage]\nbogus = 1\n").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = ServerConfig::from_toml("[grpc]\nmax_message_bytes = 1000\n").unwrap_err();
+        assert!(e.to_string().contains("max_message_bytes"), "{e}");
+    }
+}

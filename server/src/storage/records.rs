@@ -1,0 +1,209 @@
+//! Small mutable records keyed by name: action results and asset mappings.
+//!
+//! Unlike blobs, a record's name does not certify its content, so each
+//! record is stored with a SHA-256 of its payload and checked on every read;
+//! a damaged record (e.g. after power loss) reads as absent and is removed.
+//! Writes go through a temporary file and a rename, like blobs.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+use tracing::warn;
+
+use super::disk::sync_dir;
+use crate::error::{Error, Result};
+
+const MAGIC: &[u8; 8] = b"KILNREC1";
+const HEADER: usize = MAGIC.len() + 32;
+
+/// A key-value store for records. Cloning shares it.
+#[derive(Clone, Debug)]
+pub enum RecordStore {
+    /// One file per record under a directory.
+    Disk(Arc<DiskRecords>),
+    /// A map in memory.
+    Memory(Arc<Mutex<HashMap<String, Bytes>>>),
+}
+
+/// The disk form of [`RecordStore`].
+#[derive(Debug)]
+pub struct DiskRecords {
+    root: PathBuf,
+    tmp: PathBuf,
+    fsync: bool,
+    counter: AtomicU64,
+}
+
+impl RecordStore {
+    /// Records under `root`, with temporary files in `tmp` (same filesystem).
+    pub fn disk(root: &Path, tmp: &Path, fsync: bool) -> Result<Self> {
+        for d in [root, tmp] {
+            fs::create_dir_all(d).map_err(|e| Error::io("create directory", d, e))?;
+        }
+        Ok(RecordStore::Disk(Arc::new(DiskRecords {
+            root: root.to_path_buf(),
+            tmp: tmp.to_path_buf(),
+            fsync,
+            counter: AtomicU64::new(0),
+        })))
+    }
+
+    /// Records in memory.
+    pub fn memory() -> Self {
+        RecordStore::Memory(Arc::default())
+    }
+
+    /// Builds a key: `namespace/instance/xx/name`, where the instance name is
+    /// encoded so any string is a safe path component and `xx` fans out
+    /// directories.
+    pub fn key(namespace: &str, instance: &str, name: &str) -> String {
+        let inst = if instance.is_empty() {
+            "_".to_string()
+        } else {
+            format!("i-{}", hex::encode(instance))
+        };
+        let fan = name.get(..2).unwrap_or("__");
+        format!("{namespace}/{inst}/{fan}/{name}")
+    }
+
+    /// Reads a record.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        match self {
+            RecordStore::Memory(m) => Ok(m
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(key)
+                .cloned()),
+            RecordStore::Disk(d) => {
+                let d = d.clone();
+                let key = key.to_string();
+                tokio::task::spawn_blocking(move || d.get(&key))
+                    .await
+                    .map_err(|e| Error::Task(e.to_string()))?
+            }
+        }
+    }
+
+    /// Writes (or replaces) a record.
+    pub async fn put(&self, key: &str, value: Bytes) -> Result<()> {
+        match self {
+            RecordStore::Memory(m) => {
+                m.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key.to_string(), value);
+                Ok(())
+            }
+            RecordStore::Disk(d) => {
+                let d = d.clone();
+                let key = key.to_string();
+                tokio::task::spawn_blocking(move || d.put(&key, &value))
+                    .await
+                    .map_err(|e| Error::Task(e.to_string()))?
+            }
+        }
+    }
+
+    /// Removes a record; absent is fine.
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        match self {
+            RecordStore::Memory(m) => {
+                m.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+                Ok(())
+            }
+            RecordStore::Disk(d) => {
+                let path = d.root.join(key);
+                tokio::task::spawn_blocking(move || match fs::remove_file(&path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        Err(Error::io("remove record", path, e))
+                    }
+                    _ => Ok(()),
+                })
+                .await
+                .map_err(|e| Error::Task(e.to_string()))?
+            }
+        }
+    }
+}
+
+impl DiskRecords {
+    fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        let path = self.root.join(key);
+        let data = match fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("read record", path, e)),
+        };
+        let intact = data.len() >= HEADER
+            && &data[..MAGIC.len()] == MAGIC
+            && Sha256::digest(&data[HEADER..]).as_slice() == &data[MAGIC.len()..HEADER];
+        if !intact {
+            warn!(path = %path.display(), "removing a damaged record");
+            let _ = fs::remove_file(&path);
+            return Ok(None);
+        }
+        let mut b = Bytes::from(data);
+        Ok(Some(b.split_off(HEADER)))
+    }
+
+    fn put(&self, key: &str, value: &[u8]) -> Result<()> {
+        let path = self.root.join(key);
+        let parent = path.parent().unwrap_or(&self.root);
+        fs::create_dir_all(parent).map_err(|e| Error::io("create directory", parent, e))?;
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.tmp.join(format!("rec-{}-{n}", std::process::id()));
+        let mut f = File::create_new(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+        let written = f
+            .write_all(MAGIC)
+            .and_then(|_| f.write_all(&Sha256::digest(value)))
+            .and_then(|_| f.write_all(value))
+            .and_then(|_| if self.fsync { f.sync_data() } else { Ok(()) });
+        drop(f);
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io("write record", tmp, e));
+        }
+        if let Err(e) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io("rename record into place", path, e));
+        }
+        if self.fsync {
+            sync_dir(parent)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn roundtrip_and_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            RecordStore::disk(&dir.path().join("rec"), &dir.path().join("tmp"), false).unwrap();
+        let key = RecordStore::key("ac", "", "abcdef-3");
+        assert_eq!(key, "ac/_/ab/abcdef-3");
+        assert_eq!(RecordStore::key("ac", "x/y", "ab"), "ac/i-782f79/ab/ab");
+        store
+            .put(&key, Bytes::from_static(b"result"))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get(&key).await.unwrap().as_deref(),
+            Some(&b"result"[..])
+        );
+        let path = dir.path().join("rec").join(&key);
+        let mut raw = fs::read(&path).unwrap();
+        *raw.last_mut().unwrap() ^= 1;
+        fs::write(&path, raw).unwrap();
+        assert_eq!(store.get(&key).await.unwrap(), None);
+        assert!(!path.exists());
+    }
+}

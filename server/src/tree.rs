@@ -1,0 +1,148 @@
+//! Walking Directory trees stored in the CAS: for GetTree, and for the
+//! completeness checks of the action cache and the asset service.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use kiln_proto::reapi::{Directory, Tree};
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::storage::Cas;
+
+/// A tree found complete is trusted without a new walk for this long, as
+/// long as nothing has been removed from the CAS meanwhile. Short, because
+/// a walk also marks every blob of the tree as used, which keeps hot trees
+/// away from eviction.
+const COMPLETE_TTL: Duration = Duration::from_secs(60);
+const COMPLETE_CACHE_MAX: usize = 100_000;
+
+/// The directories of a tree, as far as they are present.
+#[derive(Debug, Default)]
+pub struct TreeWalk {
+    /// Each distinct directory once, breadth-first, root first.
+    pub directories: Vec<(Digest, Directory)>,
+    /// Directories referenced (or the root) that the CAS lacks.
+    pub missing: Vec<Digest>,
+}
+
+/// Walks the tree under `root` breadth-first, one batched read per level.
+/// Absent directories are listed in `missing` and not descended into; a blob
+/// that does not decode as a Directory is INVALID_ARGUMENT naming it.
+pub async fn walk(cas: &Cas, root: Digest) -> Result<TreeWalk> {
+    let mut out = TreeWalk::default();
+    let mut seen = HashSet::new();
+    seen.insert(root);
+    let mut level = vec![root];
+    while !level.is_empty() {
+        let blobs = cas.get_many(&level).await;
+        let mut next = Vec::new();
+        for (digest, blob) in level.into_iter().zip(blobs) {
+            let Some(bytes) = blob? else {
+                out.missing.push(digest);
+                continue;
+            };
+            let dir = decode_directory(&digest, bytes)?;
+            for child in &dir.directories {
+                let child_digest = child_digest(&digest, &child.name, child.digest.as_ref())?;
+                if seen.insert(child_digest) {
+                    next.push(child_digest);
+                }
+            }
+            out.directories.push((digest, dir));
+        }
+        level = next;
+    }
+    Ok(out)
+}
+
+/// Decodes a Directory blob.
+pub fn decode_directory(digest: &Digest, bytes: bytes::Bytes) -> Result<Directory> {
+    prost::Message::decode(bytes).map_err(|source| Error::Decode {
+        what: "Directory",
+        digest: *digest,
+        source,
+    })
+}
+
+fn child_digest(
+    parent: &Digest,
+    name: &str,
+    d: Option<&kiln_proto::reapi::Digest>,
+) -> Result<Digest> {
+    let d = d.ok_or_else(|| {
+        Error::InvalidArgument(format!("directory {parent}: entry {name:?} has no digest"))
+    })?;
+    Digest::from_proto(d)
+        .map_err(|e| Error::InvalidArgument(format!("directory {parent}: entry {name:?}: {e}")))
+}
+
+/// The file digests referenced by `directories`.
+pub fn file_digests<'a>(
+    directories: impl IntoIterator<Item = &'a Directory>,
+) -> Result<Vec<Digest>> {
+    let mut out = Vec::new();
+    for dir in directories {
+        for f in &dir.files {
+            let d = f.digest.as_ref().ok_or_else(|| {
+                Error::InvalidArgument(format!("file {:?} has no digest", f.name))
+            })?;
+            out.push(
+                Digest::from_proto(d)
+                    .map_err(|e| Error::InvalidArgument(format!("file {:?}: {e}", f.name)))?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Remembers which trees were recently found complete.
+#[derive(Debug, Default)]
+pub struct CompletenessCache {
+    complete: Mutex<HashMap<Digest, (u64, Instant)>>,
+}
+
+impl CompletenessCache {
+    fn fresh(&self, root: &Digest, removals: u64) -> bool {
+        let map = self.complete.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(root)
+            .is_some_and(|(epoch, at)| *epoch == removals && at.elapsed() < COMPLETE_TTL)
+    }
+
+    fn record(&self, root: Digest, removals: u64) {
+        let mut map = self.complete.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= COMPLETE_CACHE_MAX {
+            map.clear();
+        }
+        map.insert(root, (removals, Instant::now()));
+    }
+}
+
+/// Every blob of the directory tree under `root` that the CAS lacks
+/// (directories and files). Empty means the tree is complete. Present blobs
+/// are marked used.
+pub async fn missing_in_directory_tree(cas: &Cas, root: Digest) -> Result<Vec<Digest>> {
+    let epoch = cas.usage().removals;
+    if cas.completeness().fresh(&root, epoch) {
+        return Ok(Vec::new());
+    }
+    let walk = walk(cas, root).await?;
+    let mut missing = walk.missing;
+    let files = file_digests(walk.directories.iter().map(|(_, d)| d))?;
+    missing.extend(cas.find_missing(&files).await?);
+    if missing.is_empty() {
+        cas.completeness().record(root, epoch);
+    }
+    Ok(missing)
+}
+
+/// Every blob an output-directory `Tree` message refers to that the CAS
+/// lacks, including the Tree blob itself.
+pub async fn missing_in_tree_message(cas: &Cas, tree_digest: Digest) -> Result<Vec<Digest>> {
+    let Some(tree) = cas.get_message::<Tree>(&tree_digest, "Tree").await? else {
+        return Ok(vec![tree_digest]);
+    };
+    let files = file_digests(tree.root.iter().chain(tree.children.iter()))?;
+    cas.find_missing(&files).await
+}
