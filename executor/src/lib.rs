@@ -1,15 +1,87 @@
 //! Kiln's worker: lease → fetch → stage → sandbox → collect → upload → report.
+//!
+//! [`start`] builds a worker from a [`WorkerConfig`] and runs it against a
+//! server until shut down; `kiln worker` and the workers embedded in
+//! `kiln serve` both use it, so there is one code path.
 
 pub mod base;
 pub mod cache;
 pub mod cas;
 pub mod collect;
+pub mod config;
 pub mod error;
 pub mod run;
 pub mod stage;
 pub mod transfer;
 pub mod trash;
-pub mod worker;
 pub mod tree;
+pub mod worker;
 
+use std::sync::Arc;
+
+pub use config::{SandboxBackend, WorkerConfig};
 pub use error::{Error, Result};
+use kiln_sandbox::{BackendKind, Launcher, LauncherConfig};
+use tokio_util::sync::CancellationToken;
+
+/// Builds a worker and runs it in the background until `shutdown` fires.
+/// `launcher` says how to start the sandbox helper (the `kiln` binary
+/// re-executed with its hidden helper argument).
+pub fn start(
+    config: &WorkerConfig,
+    mut launcher: LauncherConfig,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let data = config.data_dir();
+    let trash = Arc::new(trash::Trash::start(&data.join("trash"))?);
+    let cache = Arc::new(cache::BlobCache::open(&data.join("cache"), config.cache_bytes)?);
+    let stager = stage::Stager::open(
+        Arc::clone(&cache),
+        &data.join("staged"),
+        Arc::clone(&trash),
+        config.staged_trees,
+    )?;
+    launcher.backend = match config.backend {
+        SandboxBackend::Userns => BackendKind::Userns,
+        SandboxBackend::Oci => BackendKind::Oci,
+    };
+    launcher.oci_runtime = config.oci_runtime.clone();
+    launcher.netns_pool = config.netns_pool;
+    let launcher = Arc::new(Launcher::new(launcher)?);
+    let (channel, cas) = worker::cas_client(&config.server)?;
+    let hostname = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    let worker_id = format!("{hostname}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut platform = vec![
+        ("OSFamily".to_string(), std::env::consts::OS.to_string()),
+        ("ISA".to_string(), std::env::consts::ARCH.to_string()),
+    ];
+    for p in &config.platform {
+        let (k, v) = p.split_once('=').ok_or_else(|| {
+            Error::Internal(format!("worker platform property {p:?} is not NAME=VALUE"))
+        })?;
+        platform.push((k.to_string(), v.to_string()));
+    }
+    let bases = base::BaseRoots::new(config.images.clone());
+    let identity = worker::WorkerIdentity {
+        worker_id: worker_id.clone(),
+        hostname,
+        platform,
+        slots: config.slots.max(1) as u32,
+        images: bases.image_names().map(str::to_string).collect(),
+        network_allowed: config.network,
+    };
+    let exec = Arc::new(run::Executor::new(run::ExecutorParts {
+        name: worker_id,
+        cas,
+        cache,
+        stager,
+        trash,
+        launcher,
+        bases,
+        scratch: data.join("scratch"),
+        network_allowed: config.network,
+    })?);
+    Ok(tokio::spawn(worker::run(exec, identity, channel, shutdown)))
+}

@@ -1,0 +1,87 @@
+//! `[worker]` in Kiln's config file: how a worker connects, what it offers
+//! and where it keeps its cache.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// Which sandbox backend runs actions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxBackend {
+    /// Kiln's own user-namespace chroot (fastest).
+    #[default]
+    Userns,
+    /// An OCI runtime spec run by the built-in runtime or `oci_runtime`.
+    Oci,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// The server to join (`kiln worker`). Default: `http://127.0.0.1:50051`.
+    pub server: String,
+    /// Actions run at once. Default: the number of CPUs.
+    pub slots: usize,
+    /// Where the blob cache, staged trees and scratch space live. Default:
+    /// `$XDG_CACHE_HOME/kiln/worker` (`~/.cache/kiln/worker`).
+    pub data_dir: Option<PathBuf>,
+    /// Size limit of the blob cache in bytes. Default: 10 GiB.
+    pub cache_bytes: u64,
+    /// Staged input trees kept for reuse. Default: 64.
+    pub staged_trees: usize,
+    /// Extra platform properties offered, as `NAME=VALUE` (e.g. `ISA=x86-32`
+    /// on a host that runs 32-bit code). `OSFamily` and `ISA` of the host are
+    /// detected. Default: none.
+    pub platform: Vec<String>,
+    /// Base root filesystems offered as `container-image`, by name: a
+    /// directory holding a root filesystem. Default: none.
+    pub images: BTreeMap<String, PathBuf>,
+    /// Let actions that ask for `network=on` use the host's network.
+    /// Default: false (they are refused by the scheduler).
+    pub network: bool,
+    /// The sandbox backend. Default: `userns`.
+    pub backend: SandboxBackend,
+    /// For the `oci` backend: an OCI runtime binary (`crun`, `runc`) instead
+    /// of the built-in one. Default: none.
+    pub oci_runtime: Option<PathBuf>,
+    /// Empty network namespaces kept ready (a privileged worker's fast
+    /// path). Default: 8.
+    pub netns_pool: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            server: "http://127.0.0.1:50051".into(),
+            slots: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            data_dir: None,
+            cache_bytes: 10 << 30,
+            staged_trees: 64,
+            platform: Vec::new(),
+            images: BTreeMap::new(),
+            network: false,
+            backend: SandboxBackend::Userns,
+            oci_runtime: None,
+            netns_pool: 8,
+        }
+    }
+}
+
+impl WorkerConfig {
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| default_cache_dir().join("worker"))
+    }
+}
+
+/// `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`, else `/var/cache/kiln`.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("kiln");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(home).join(".cache").join("kiln");
+    }
+    PathBuf::from("/var/cache/kiln")
+}

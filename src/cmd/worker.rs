@@ -1,0 +1,101 @@
+//! `kiln worker`: a standalone worker joining a server.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use kiln_executor::{SandboxBackend, WorkerConfig};
+use tokio_util::sync::CancellationToken;
+
+/// Flags of `kiln worker`; each overrides the config file's `[worker]`.
+#[derive(clap::Args, Debug, Default)]
+pub struct WorkerArgs {
+    /// The server to join [default: http://127.0.0.1:50051].
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Actions run at once [default: number of CPUs].
+    #[arg(long)]
+    pub slots: Option<usize>,
+    /// Cache and scratch directory [default: $XDG_CACHE_HOME/kiln/worker].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Extra platform property offered, NAME=VALUE (repeatable); OSFamily
+    /// and ISA are detected.
+    #[arg(long = "platform", value_name = "NAME=VALUE")]
+    pub platform: Vec<String>,
+    /// A base root filesystem offered as container-image, NAME=DIRECTORY
+    /// (repeatable).
+    #[arg(long = "image", value_name = "NAME=DIR")]
+    pub images: Vec<String>,
+    /// Let actions asking for network=on use the host network.
+    #[arg(long)]
+    pub network: bool,
+    /// Sandbox backend: userns or oci [default: userns].
+    #[arg(long, value_parser = parse_backend)]
+    pub backend: Option<SandboxBackend>,
+    /// OCI runtime binary for the oci backend (crun, runc) [default: built-in].
+    #[arg(long)]
+    pub oci_runtime: Option<PathBuf>,
+}
+
+fn parse_backend(s: &str) -> Result<SandboxBackend, String> {
+    match s {
+        "userns" => Ok(SandboxBackend::Userns),
+        "oci" => Ok(SandboxBackend::Oci),
+        _ => Err(format!("unknown backend {s:?}: expected userns or oci")),
+    }
+}
+
+impl WorkerArgs {
+    /// Applies the flags over `config`.
+    pub fn apply(&self, config: &mut WorkerConfig) -> anyhow::Result<()> {
+        if let Some(s) = &self.server {
+            config.server = s.clone();
+        }
+        if let Some(n) = self.slots {
+            anyhow::ensure!(n > 0, "--slots must be at least 1");
+            config.slots = n;
+        }
+        if let Some(d) = &self.data_dir {
+            config.data_dir = Some(d.clone());
+        }
+        config.platform.extend(self.platform.iter().cloned());
+        for image in &self.images {
+            let (name, dir) = image
+                .split_once('=')
+                .with_context(|| format!("--image {image:?} is not NAME=DIRECTORY"))?;
+            config.images.insert(name.to_string(), PathBuf::from(dir));
+        }
+        if self.network {
+            config.network = true;
+        }
+        if let Some(b) = self.backend {
+            config.backend = b;
+        }
+        if let Some(r) = &self.oci_runtime {
+            config.oci_runtime = Some(r.clone());
+        }
+        Ok(())
+    }
+}
+
+/// Runs a worker until SIGINT or SIGTERM.
+pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    super::init_logging();
+    let mut config = WorkerConfig::default();
+    args.apply(&mut config)?;
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let handle = kiln_executor::start(
+            &config,
+            kiln_sandbox::LauncherConfig::current_exe(),
+            shutdown.clone(),
+        )
+        .with_context(|| format!("starting the worker in {}", config.data_dir().display()))?;
+        tracing::info!(server = %config.server, slots = config.slots, "worker started");
+        super::shutdown_signal().await;
+        shutdown.cancel();
+        let _ = handle.await;
+        Ok(())
+    })
+}
