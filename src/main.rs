@@ -3,6 +3,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod cmd;
+
 #[derive(Parser)]
 #[command(
     name = "kiln",
@@ -15,9 +17,31 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Serve the REAPI endpoint (storage services; see docs/storage.md).
+    Serve(cmd::serve::ServeArgs),
+    /// Talk to a server's CAS: upload a directory, download a tree, cat a blob.
+    Cas(cmd::cas::CasArgs),
+    /// Benchmarks, each printed against baselines measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// CAS, ByteStream and ActionCache throughput and latency.
+    Cas(cmd::bench_cas::BenchCasArgs),
+}
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Serve(args) => cmd::serve::run(args),
+        Command::Cas(args) => cmd::cas::run(args),
+        Command::Bench { what } => match what {
+            BenchCommand::Cas(args) => cmd::bench_cas::run(args),
+        },
+    }
 }

@@ -241,7 +241,8 @@ impl<S: BlobStore> Lru<S> {
     /// limit in bytes (`None`: unlimited); eviction brings the total down to
     /// `low_water_percent` of it.
     pub async fn new(inner: S, limit: Option<u64>, low_water_percent: u8) -> Result<Self> {
-        let inventory = inner.inventory().await?;
+        let mut inventory = inner.inventory().await?;
+        inventory.sort_by_key(|(_, t)| *t);
         let limit = limit.unwrap_or(u64::MAX);
         let low_water = if limit == u64::MAX {
             u64::MAX
@@ -249,7 +250,7 @@ impl<S: BlobStore> Lru<S> {
             (limit as u128 * low_water_percent.min(100) as u128 / 100) as u64
         };
         let mut state = State::default();
-        for d in inventory {
+        for (d, _) in inventory {
             let tick = state.tick();
             if state.entries.contains_key(d.hash()) {
                 continue;
@@ -547,12 +548,16 @@ impl<S: BlobStore> BlobStore for Lru<S> {
         r
     }
 
-    async fn inventory(&self) -> Result<Vec<Digest>> {
+    async fn inventory(&self) -> Result<Vec<(Digest, std::time::SystemTime)>> {
         let st = self.shared.lock();
+        // Ticks stand in for times: only the order matters.
         Ok(st
             .order
-            .values()
-            .map(|h| Digest::new(*h, st.entries[h].size))
+            .iter()
+            .map(|(tick, h)| {
+                let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(*tick);
+                (Digest::new(*h, st.entries[h].size), t)
+            })
             .collect())
     }
 

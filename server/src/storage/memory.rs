@@ -109,11 +109,16 @@ impl BlobStore for MemoryStore {
         Ok(())
     }
 
-    async fn inventory(&self) -> Result<Vec<Digest>> {
+    async fn inventory(&self) -> Result<Vec<(Digest, std::time::SystemTime)>> {
         let blobs = self.inner.blobs.read().unwrap_or_else(|p| p.into_inner());
         Ok(blobs
             .iter()
-            .map(|(h, b)| Digest::new(*h, b.len() as u64))
+            .map(|(h, b)| {
+                (
+                    Digest::new(*h, b.len() as u64),
+                    std::time::SystemTime::UNIX_EPOCH,
+                )
+            })
             .collect())
     }
 

@@ -1,9 +1,12 @@
 //! Blob storage: one small trait, backends and decorators.
 //!
 //! Modelled on Buildbarn's `BlobAccess`: every service talks to a
-//! [`BlobStore`] trait object; backends ([`MemoryStore`], [`DiskStore`]) hold
-//! bytes, decorators ([`Lru`]) add behaviour (an in-memory index, size
-//! accounting, LRU eviction, pinning of blobs in use) around any backend.
+//! [`BlobStore`] trait object; backends ([`MemoryStore`], [`PackStore`] for
+//! small blobs, [`FileStore`] for large ones) hold bytes, decorators add
+//! behaviour around any backend: [`SizeSplit`] routes by size (the disk
+//! backend, [`DiskStore`], is packs + files split at
+//! [`disk::PACK_MAX`]), and [`Lru`] adds an in-memory index, size
+//! accounting, LRU eviction and pinning of blobs in use.
 //!
 //! The trait is batch-first (`get_many` / `put_many` / `find_missing`) because
 //! BatchUpdateBlobs and BatchReadBlobs carry hundreds of small blobs: a disk
@@ -19,9 +22,12 @@
 mod cas;
 pub mod disk;
 pub mod durability;
+pub mod files;
 pub mod lru;
 pub mod memory;
+pub mod packs;
 pub mod records;
+pub mod split;
 pub mod verify;
 
 use std::any::Any;
@@ -35,9 +41,12 @@ use crate::error::Result;
 
 pub use cas::Cas;
 pub use disk::{DiskOptions, DiskStore};
+pub use files::FileStore;
 pub use lru::Lru;
 pub use memory::MemoryStore;
+pub use packs::PackStore;
 pub use records::RecordStore;
+pub use split::SizeSplit;
 pub use verify::{Upload, Verified, VerifiedBlob};
 
 /// How much a store holds.
@@ -83,9 +92,10 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Removes blobs; absent ones are ignored.
     async fn delete(&self, digests: &[Digest]) -> Result<()>;
 
-    /// Every blob held, least recently written first (used to rebuild an
-    /// index when a decorator opens over a persistent backend).
-    async fn inventory(&self) -> Result<Vec<Digest>>;
+    /// Every blob held, with the time it was last written (used to rebuild
+    /// an index, oldest first, when a decorator opens over a persistent
+    /// backend).
+    async fn inventory(&self) -> Result<Vec<(Digest, std::time::SystemTime)>>;
 
     /// What the store holds.
     fn usage(&self) -> Usage;
@@ -234,7 +244,7 @@ impl Storage {
                 let opened = tokio::task::spawn_blocking(move || -> Result<_> {
                     let (dir, recovery) = DataDir::acquire(&root)?;
                     let (disk, report) =
-                        DiskStore::open(&root, DiskOptions { fsync }, recovery.verify_since)?;
+                        disk::open(&root, DiskOptions { fsync }, recovery.verify_since)?;
                     if recovery.unclean {
                         info!(
                             checked = report.checked,

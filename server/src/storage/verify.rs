@@ -23,7 +23,14 @@ const INLINE_HASH_MAX: usize = 64 * 1024;
 /// make one.
 #[derive(Debug)]
 pub struct Verified {
-    _private: (),
+    digest: Digest,
+}
+
+impl Verified {
+    /// The digest the data was checked against.
+    pub fn digest(&self) -> Digest {
+        self.digest
+    }
 }
 
 /// A whole blob whose data is known to match its digest.
@@ -54,6 +61,21 @@ impl VerifiedBlob {
             });
         }
         Ok(VerifiedBlob { digest, data })
+    }
+
+    /// A blob assembled by an upload sink, with the proof the upload was
+    /// checked. The proof must be for this digest and the data its size.
+    pub fn from_upload(data: Bytes, proof: Verified) -> Result<Self> {
+        if data.len() as u64 != proof.digest.size() {
+            return Err(Error::SizeMismatch {
+                digest: proof.digest,
+                detail: format!("sink assembled {} bytes", data.len()),
+            });
+        }
+        Ok(VerifiedBlob {
+            digest: proof.digest,
+            data,
+        })
     }
 
     /// Hashes `data` to make its digest.
@@ -180,7 +202,7 @@ impl Upload {
                 actual,
             });
         }
-        self.sink.commit(Verified { _private: () }).await
+        self.sink.commit(Verified { digest: actual }).await
     }
 }
 
