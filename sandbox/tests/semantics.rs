@@ -80,6 +80,13 @@ fn uid_gid_mapping(mode: Mode, backend: BackendKind) {
         "id -u; id -g; stat -c %u:%g /bin/busybox; touch /made-by-root",
     );
     assert_eq!(r.stdout, "0\n0\n0:0\n", "{}", r.stderr);
+    if backend == BackendKind::Oci {
+        let mut q = sh_request(Root::Dir(s.root()), "true", &s.path("o"), &s.path("e"));
+        q.uid = 1000;
+        let e = l.spawn(q).unwrap_err().to_string();
+        assert!(e.contains("uid/gid 0 inside only"), "{e}");
+        return;
+    }
     let r = run_sh_with(
         &l,
         &s,
@@ -366,6 +373,12 @@ fn overlay_root(mode: Mode, backend: BackendKind) {
         upper: upper.clone(),
         work,
     };
+    if backend == BackendKind::Oci {
+        let q = sh_request(root, "true", &s.path("o"), &s.path("e"));
+        let e = l.spawn(q).unwrap_err().to_string();
+        assert!(e.contains("overlay roots need the userns backend"), "{e}");
+        return;
+    }
     let mut req = sh_request(
         root,
         "cat /top-file; echo new > /new; echo more >> /etc/passwd; rm /bin/true; mkdir -p /out/d; echo o > /out/d/f; ls /dev | wc -l",
