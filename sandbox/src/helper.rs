@@ -296,10 +296,11 @@ impl Helper {
         }
         // SAFETY: the helper is single-threaded.
         let forked = unsafe { sys::clone3_fork(flags) };
-        if let (Some(_), Some(pool)) = (&netns, &self.pool) {
-            if matches!(forked, Ok(Forked::Parent { .. }) | Err(_)) {
-                pool.leave();
-            }
+        // The child stays in the pooled namespace; we go back.
+        if let (Some(_), Some(pool)) = (&netns, &self.pool)
+            && matches!(forked, Ok(Forked::Parent { .. }) | Err(_))
+        {
+            pool.leave();
         }
         let (pid, pidfd) = match forked {
             Err(e) => {

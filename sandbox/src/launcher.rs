@@ -134,6 +134,15 @@ impl Launcher {
         })
     }
 
+    /// The helper's pid (for logs and diagnostics).
+    pub fn helper_pid(&self) -> u32 {
+        self.helper
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .child
+            .id()
+    }
+
     pub fn config(&self) -> &LauncherConfig {
         &self.cfg
     }

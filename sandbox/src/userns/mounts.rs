@@ -406,7 +406,10 @@ impl MountSys for Live {
     fn op(&mut self, op: &Op) -> Result<(), SetupError> {
         match op {
             Op::Root(root) => self.mount_root(root),
-            Op::EnsureDir(p) => self.ensure_dir(p),
+            Op::EnsureDir(p) => self.ensure_dir(p).map_err(|e| SetupError {
+                step: format!("create directory /{}: {}", p.display(), e.step),
+                errno: e.errno,
+            }),
             Op::RemountRoot { read_only } => self.remount_root(*read_only),
             Op::Tmpfs {
                 target,

@@ -53,9 +53,10 @@ pub enum Mode {
 
 pub const NOBODY: u32 = 65534;
 
+type Launchers = Vec<((Mode, BackendKind), Arc<Launcher>)>;
+
 pub fn launcher(mode: Mode, backend: BackendKind) -> Arc<Launcher> {
-    static L: OnceLock<std::sync::Mutex<Vec<((Mode, BackendKind), Arc<Launcher>)>>> =
-        OnceLock::new();
+    static L: OnceLock<std::sync::Mutex<Launchers>> = OnceLock::new();
     let l = L.get_or_init(Default::default);
     let mut v = l.lock().unwrap();
     if let Some((_, x)) = v.iter().find(|(k, _)| *k == (mode, backend)) {
@@ -321,6 +322,12 @@ macro_rules! matrix {
         }
         mod userns_unprivileged {
             $( #[test] fn $name() { super::$name($crate::common::Mode::Unprivileged, kiln_sandbox::BackendKind::Userns) } )*
+        }
+        mod oci_root {
+            $( #[test] fn $name() { super::$name($crate::common::Mode::Root, kiln_sandbox::BackendKind::Oci) } )*
+        }
+        mod oci_unprivileged {
+            $( #[test] fn $name() { super::$name($crate::common::Mode::Unprivileged, kiln_sandbox::BackendKind::Oci) } )*
         }
     };
 }
