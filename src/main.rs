@@ -20,6 +20,8 @@ struct Cli {
 enum Command {
     /// Serve the REAPI endpoint (storage services; see docs/storage.md).
     Serve(cmd::serve::ServeArgs),
+    /// Run a worker that joins a server and executes its actions.
+    Worker(cmd::worker::WorkerArgs),
     /// Talk to a server's CAS: upload a directory, download a tree, cat a blob.
     Cas(cmd::cas::CasArgs),
     /// Benchmarks, each printed against baselines measured in the same run.
@@ -36,9 +38,16 @@ enum BenchCommand {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The sandbox helper is this binary re-executed; it must start before
+    // anything else (no runtime, no threads).
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(kiln_sandbox::HELPER_ARG))
+    {
+        kiln_sandbox::helper_main();
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => cmd::serve::run(args),
+        Command::Worker(args) => cmd::worker::run(args),
         Command::Cas(args) => cmd::cas::run(args),
         Command::Bench { what } => match what {
             BenchCommand::Cas(args) => cmd::bench_cas::run(args),

@@ -40,18 +40,41 @@ async fn runs_an_action_and_returns_outputs_then_hits_the_cache() {
     assert!(op.done);
     let result = resp.result.expect("result");
     assert_eq!(resp.status.unwrap_or_default().code, 0);
-    assert_eq!(result.exit_code, 0, "stderr: {:?}", read_blob(&ch, result.stderr_digest.as_ref().unwrap()).await);
+    assert_eq!(
+        result.exit_code,
+        0,
+        "stderr: {:?}",
+        read_blob(&ch, result.stderr_digest.as_ref().unwrap()).await
+    );
     assert!(!resp.cached_result);
-    assert_eq!(&read_blob(&ch, result.stdout_digest.as_ref().unwrap()).await[..], b"to-stdout\n");
-    assert_eq!(&read_blob(&ch, result.stderr_digest.as_ref().unwrap()).await[..], b"to-stderr\n");
+    assert_eq!(
+        &read_blob(&ch, result.stdout_digest.as_ref().unwrap()).await[..],
+        b"to-stdout\n"
+    );
+    assert_eq!(
+        &read_blob(&ch, result.stderr_digest.as_ref().unwrap()).await[..],
+        b"to-stderr\n"
+    );
     assert_eq!(result.output_files.len(), 1);
     assert_eq!(result.output_files[0].path, "file");
-    assert_eq!(&read_blob(&ch, result.output_files[0].digest.as_ref().unwrap()).await[..], b"x");
+    assert_eq!(
+        &read_blob(&ch, result.output_files[0].digest.as_ref().unwrap()).await[..],
+        b"x"
+    );
     assert_eq!(result.output_symlinks.len(), 1);
     assert_eq!(result.output_symlinks[0].target, "/etc/passwd");
     let out = &result.output_directories[0];
-    let tree = kiln_proto::reapi::Tree::decode_from(&read_blob(&ch, out.tree_digest.as_ref().unwrap()).await);
-    let names: Vec<&str> = tree.root.as_ref().unwrap().files.iter().map(|f| f.name.as_str()).collect();
+    let tree = kiln_proto::reapi::Tree::decode_from(
+        &read_blob(&ch, out.tree_digest.as_ref().unwrap()).await,
+    );
+    let names: Vec<&str> = tree
+        .root
+        .as_ref()
+        .unwrap()
+        .files
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
     assert_eq!(names, ["uid"]);
     let meta = result.execution_metadata.unwrap();
     assert!(!meta.worker.is_empty());
@@ -98,17 +121,35 @@ async fn whole_root_output_and_failed_command_outputs_are_kept() {
     let (_, resp) = run(&ch, &action).await;
     let result = resp.result.expect("a failed command still has a result");
     assert_eq!(result.exit_code, 3);
-    assert!(result.output_files.is_empty(), "BuildStream errors on unasked output_files");
+    assert!(
+        result.output_files.is_empty(),
+        "BuildStream errors on unasked output_files"
+    );
     let whole = &result.output_directories[0];
     assert_eq!(whole.path, ".");
     assert!(whole.tree_digest.is_none(), "DIRECTORY_ONLY");
     let top = read_directory(&ch, whole.root_directory_digest.as_ref().unwrap()).await;
-    let made = top.files.iter().find(|f| f.name == "made-here").expect("the new file");
-    assert_eq!(&read_blob(&ch, made.digest.as_ref().unwrap()).await[..], b"built\n");
-    assert!(top.directories.iter().any(|d| d.name == "bin"), "inputs are part of the root");
+    let made = top
+        .files
+        .iter()
+        .find(|f| f.name == "made-here")
+        .expect("the new file");
+    assert_eq!(
+        &read_blob(&ch, made.digest.as_ref().unwrap()).await[..],
+        b"built\n"
+    );
+    assert!(
+        top.directories.iter().any(|d| d.name == "bin"),
+        "inputs are part of the root"
+    );
     let proc_dir = top.directories.iter().find(|d| d.name == "proc").unwrap();
-    assert!(read_directory(&ch, proc_dir.digest.as_ref().unwrap()).await.directories.is_empty(),
-        "the sandbox's /proc is reported as the empty directory it was staged as");
+    assert!(
+        read_directory(&ch, proc_dir.digest.as_ref().unwrap())
+            .await
+            .directories
+            .is_empty(),
+        "the sandbox's /proc is reported as the empty directory it was staged as"
+    );
 
     // A failing action is not cached.
     let (_, again) = run(&ch, &action).await;
@@ -131,7 +172,10 @@ async fn timeout_is_deadline_exceeded_with_partial_outputs() {
     assert!(started.elapsed() < Duration::from_secs(15));
     assert_eq!(resp.status.unwrap().code, Code::DeadlineExceeded as i32);
     let result = resp.result.expect("partial result");
-    assert_eq!(&read_blob(&ch, result.output_files[0].digest.as_ref().unwrap()).await[..], b"partial\n");
+    assert_eq!(
+        &read_blob(&ch, result.output_files[0].digest.as_ref().unwrap()).await[..],
+        b"partial\n"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,14 +193,20 @@ async fn cancel_stops_a_running_action() {
     // Wait until it runs.
     let mut ops = OperationsClient::new(ch.clone());
     for _ in 0..100 {
-        let op = ops.get_operation(GetOperationRequest { name: name.clone() }).await.unwrap().into_inner();
+        let op = ops
+            .get_operation(GetOperationRequest { name: name.clone() })
+            .await
+            .unwrap()
+            .into_inner();
         if stage_of(&op) == 3 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let t = Instant::now();
-    ops.cancel_operation(CancelOperationRequest { name: name.clone() }).await.unwrap();
+    ops.cancel_operation(CancelOperationRequest { name: name.clone() })
+        .await
+        .unwrap();
     let done = finish(stream).await;
     assert!(t.elapsed() < Duration::from_secs(5));
     match done.result {
@@ -165,7 +215,9 @@ async fn cancel_stops_a_running_action() {
     }
     // The worker's slot comes back: a next action runs.
     let quick = ActionSpec::shell(input, "true").upload(&ch).await;
-    let (_, resp) = tokio::time::timeout(Duration::from_secs(20), run(&ch, &quick)).await.expect("slot freed");
+    let (_, resp) = tokio::time::timeout(Duration::from_secs(20), run(&ch, &quick))
+        .await
+        .expect("slot freed");
     assert_eq!(resp.result.unwrap().exit_code, 0);
 }
 
@@ -181,21 +233,36 @@ async fn impossible_platforms_fail_at_once_and_unknown_keys_are_invalid() {
     run(&ch, &ok).await;
 
     let mut arm = ActionSpec::shell(input.clone(), "true");
-    arm.platform = vec![("OSFamily".into(), "linux".into()), ("ISA".into(), "aarch64".into())];
+    arm.platform = vec![
+        ("OSFamily".into(), "linux".into()),
+        ("ISA".into(), "aarch64".into()),
+    ];
     let action = arm.upload(&ch).await;
     let t = Instant::now();
     let err = execute(&ch, &action, false).await.unwrap_err();
-    assert!(t.elapsed() < Duration::from_secs(1), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("ISA=aarch64"), "{}", err.message());
-    assert!(err.message().contains("ISA=x86-64"), "names what exists: {}", err.message());
+    assert!(
+        err.message().contains("ISA=x86-64"),
+        "names what exists: {}",
+        err.message()
+    );
 
     let mut odd = ActionSpec::shell(input, "true");
     odd.platform.push(("gpu".into(), "yes".into()));
     let action = odd.upload(&ch).await;
     let err = execute(&ch, &action, false).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("gpu") && err.message().contains("OSFamily"), "{}", err.message());
+    assert!(
+        err.message().contains("gpu") && err.message().contains("OSFamily"),
+        "{}",
+        err.message()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,9 +285,13 @@ async fn missing_inputs_and_bad_trees_are_refused_before_queueing() {
     let err = execute(&ch, &action, false).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     let status = kiln_proto::rpc::Status::decode_from(err.details());
-    let failure = kiln_proto::error_details::PreconditionFailure::decode_from(&status.details[0].value);
+    let failure =
+        kiln_proto::error_details::PreconditionFailure::decode_from(&status.details[0].value);
     assert_eq!(failure.violations[0].r#type, "MISSING");
-    assert_eq!(failure.violations[0].subject, format!("blobs/{}/{}", ghost.hash, ghost.size_bytes));
+    assert_eq!(
+        failure.violations[0].subject,
+        format!("blobs/{}/{}", ghost.hash, ghost.size_bytes)
+    );
 
     // A directory entry named "..".
     let evil = Directory {
@@ -235,7 +306,11 @@ async fn missing_inputs_and_bad_trees_are_refused_before_queueing() {
     let action = ActionSpec::shell(ed.clone(), "true").upload(&ch).await;
     let err = execute(&ch, &action, false).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains(&ed.hash), "names the directory: {}", err.message());
+    assert!(
+        err.message().contains(&ed.hash),
+        "names the directory: {}",
+        err.message()
+    );
 
     // An output path escaping the root.
     let mut escape = ActionSpec::shell(kiln_proto::digest::empty(), "true");
@@ -243,7 +318,11 @@ async fn missing_inputs_and_bad_trees_are_refused_before_queueing() {
     let action = escape.upload(&ch).await;
     let err = execute(&ch, &action, false).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("../../etc/shadow"), "{}", err.message());
+    assert!(
+        err.message().contains("../../etc/shadow"),
+        "{}",
+        err.message()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,29 +334,62 @@ async fn a_killed_worker_loses_nothing_the_action_completes_elsewhere() {
     let w1dir = dir.path().join("w1");
     let w2dir = dir.path().join("w2");
     let mut w1 = Proc::start(
-        &["worker", "--server", &url, "--slots", "1", "--data-dir", w1dir.to_str().unwrap()],
+        &[
+            "worker",
+            "--server",
+            &url,
+            "--slots",
+            "1",
+            "--data-dir",
+            w1dir.to_str().unwrap(),
+        ],
         &dir.path().join("w1.log"),
         false,
     );
     let ch = channel(&url).await;
     let input = upload_dir(&ch, &root).await;
-    let action = ActionSpec::shell(input, "sleep 2; echo survived").upload(&ch).await;
+    let action = ActionSpec::shell(input, "sleep 2; echo survived")
+        .upload(&ch)
+        .await;
     let stream = execute(&ch, &action, false).await.unwrap();
     // Let it start on w1, then kill w1 and bring w2.
-    assert!(eventually(20, || w1.log_text().contains("dispatched") || std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default().contains("dispatched")).await);
+    assert!(
+        eventually(20, || w1.log_text().contains("dispatched")
+            || std::fs::read_to_string(dir.path().join("server.log"))
+                .unwrap_or_default()
+                .contains("dispatched"))
+        .await
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     w1.kill();
     let _w2 = Proc::start(
-        &["worker", "--server", &url, "--slots", "1", "--data-dir", w2dir.to_str().unwrap()],
+        &[
+            "worker",
+            "--server",
+            &url,
+            "--slots",
+            "1",
+            "--data-dir",
+            w2dir.to_str().unwrap(),
+        ],
         &dir.path().join("w2.log"),
         false,
     );
-    let done = tokio::time::timeout(Duration::from_secs(60), finish(stream)).await.expect("completed");
+    let done = tokio::time::timeout(Duration::from_secs(60), finish(stream))
+        .await
+        .expect("completed");
     let resp = response(&done);
     let result = resp.result.expect("result");
     assert_eq!(result.exit_code, 0);
-    assert_eq!(&read_blob(&ch, result.stdout_digest.as_ref().unwrap()).await[..], b"survived\n");
-    assert!(server.log_text().contains("re-queued"), "{}", server.log_text());
+    assert_eq!(
+        &read_blob(&ch, result.stdout_digest.as_ref().unwrap()).await[..],
+        b"survived\n"
+    );
+    assert!(
+        server.log_text().contains("re-queued"),
+        "{}",
+        server.log_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,27 +401,52 @@ async fn a_restarted_server_still_answers_wait_execution() {
     let url = server.url();
     let wdir = dir.path().join("w");
     let _worker = Proc::start(
-        &["worker", "--server", &url, "--slots", "2", "--data-dir", wdir.to_str().unwrap()],
+        &[
+            "worker",
+            "--server",
+            &url,
+            "--slots",
+            "2",
+            "--data-dir",
+            wdir.to_str().unwrap(),
+        ],
         &dir.path().join("w.log"),
         false,
     );
     let ch = channel(&url).await;
     let input = upload_dir(&ch, &root).await;
-    let action = ActionSpec::shell(input, "sleep 3; echo after-restart").upload(&ch).await;
+    let action = ActionSpec::shell(input, "sleep 3; echo after-restart")
+        .upload(&ch)
+        .await;
     let mut stream = execute(&ch, &action, false).await.unwrap();
     let name = stream.message().await.unwrap().unwrap().name;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     server.kill();
     let data = dir.path().join("data");
     let _server2 = Proc::start(
-        &["serve", "--listen", &addr, "--data-dir", data.to_str().unwrap(), "--workers", "0"],
+        &[
+            "serve",
+            "--listen",
+            &addr,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--workers",
+            "0",
+        ],
         &dir.path().join("server2.log"),
         true,
     );
     let ch = channel(&url).await;
-    let stream = wait(&ch, &name).await.expect("the operation is known after a restart");
-    let done = tokio::time::timeout(Duration::from_secs(60), finish(stream)).await.expect("completes");
+    let stream = wait(&ch, &name)
+        .await
+        .expect("the operation is known after a restart");
+    let done = tokio::time::timeout(Duration::from_secs(60), finish(stream))
+        .await
+        .expect("completes");
     let result = response(&done).result.expect("result");
     assert_eq!(result.exit_code, 0);
-    assert_eq!(&read_blob(&ch, result.stdout_digest.as_ref().unwrap()).await[..], b"after-restart\n");
+    assert_eq!(
+        &read_blob(&ch, result.stdout_digest.as_ref().unwrap()).await[..],
+        b"after-restart\n"
+    );
 }

@@ -71,7 +71,9 @@ impl Default for WorkerConfig {
 
 impl WorkerConfig {
     pub fn data_dir(&self) -> PathBuf {
-        self.data_dir.clone().unwrap_or_else(|| default_cache_dir().join("worker"))
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| default_cache_dir().join("worker"))
     }
 }
 

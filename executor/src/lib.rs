@@ -34,7 +34,10 @@ pub fn start(
 ) -> Result<tokio::task::JoinHandle<()>> {
     let data = config.data_dir();
     let trash = Arc::new(trash::Trash::start(&data.join("trash"))?);
-    let cache = Arc::new(cache::BlobCache::open(&data.join("cache"), config.cache_bytes)?);
+    let cache = Arc::new(cache::BlobCache::open(
+        &data.join("cache"),
+        config.cache_bytes,
+    )?);
     let stager = stage::Stager::open(
         Arc::clone(&cache),
         &data.join("staged"),
@@ -52,7 +55,10 @@ pub fn start(
     let hostname = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_else(|_| "unknown".into());
-    let worker_id = format!("{hostname}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let worker_id = format!(
+        "{hostname}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let mut platform = vec![
         ("OSFamily".to_string(), std::env::consts::OS.to_string()),
         ("ISA".to_string(), std::env::consts::ARCH.to_string()),

@@ -300,7 +300,10 @@ impl Executor {
                 ),
             )
         } else if outcome.cancelled {
-            (tonic::Code::Cancelled, "the action was cancelled".to_string())
+            (
+                tonic::Code::Cancelled,
+                "the action was cancelled".to_string(),
+            )
         } else {
             (tonic::Code::Ok, String::new())
         };
@@ -320,11 +323,13 @@ impl Executor {
             return Ok(Arc::clone(tree));
         }
         let dirs = cas.get_tree(root).await?;
-        let tree = Arc::new(blocking({
-            let root = root.clone();
-            move || InputTree::new(root, dirs)
-        })
-        .await?);
+        let tree = Arc::new(
+            blocking({
+                let root = root.clone();
+                move || InputTree::new(root, dirs)
+            })
+            .await?,
+        );
         let mut memo = self.trees.lock().expect("tree memo");
         if memo.len() >= TREE_MEMO {
             memo.clear();
@@ -341,7 +346,10 @@ impl Executor {
             match blocking(move || stager.stage(&t)).await? {
                 Staged::Ready(staged) => return Ok(staged),
                 Staged::Evicted(blobs) => {
-                    tracing::info!(blobs = blobs.len(), "blobs evicted while staging; fetching again");
+                    tracing::info!(
+                        blobs = blobs.len(),
+                        "blobs evicted while staging; fetching again"
+                    );
                     fetch_missing(cas, &self.cache, blobs).await?;
                 }
             }
@@ -352,13 +360,21 @@ impl Executor {
         )))
     }
 
-    pub(crate) async fn input_tree_for(&self, cas: &CasClient, root: &Digest) -> Result<Arc<InputTree>> {
+    pub(crate) async fn input_tree_for(
+        &self,
+        cas: &CasClient,
+        root: &Digest,
+    ) -> Result<Arc<InputTree>> {
         let tree = self.input_tree(cas, root).await?;
         fetch_missing(cas, &self.cache, tree.file_blobs()).await?;
         Ok(tree)
     }
 
-    async fn run_sandbox(&self, req: SandboxRequest, cancel: &CancellationToken) -> Result<Finished> {
+    async fn run_sandbox(
+        &self,
+        req: SandboxRequest,
+        cancel: &CancellationToken,
+    ) -> Result<Finished> {
         let launcher = Arc::clone(&self.launcher);
         let running = blocking(move || launcher.spawn(req).map_err(Error::from)).await?;
         let killer = running.kill_handle();
@@ -391,7 +407,9 @@ fn parse_id(value: Option<&&str>) -> u32 {
 /// relies on them); overlayfs merges them with the input tree.
 fn prepare_upper(upper: &Path, working_directory: &str, spec: &OutputSpec) -> Result<()> {
     let wd = collect::resolve_output_path("", working_directory).map_err(|_| {
-        Error::InvalidTree(format!("working directory {working_directory:?} escapes the input root"))
+        Error::InvalidTree(format!(
+            "working directory {working_directory:?} escapes the input root"
+        ))
     })?;
     let mut dirs = vec![wd];
     for p in spec.root_relative_paths()? {

@@ -89,7 +89,11 @@ async fn run_fetch(cas: &CasClient, cache: &Arc<BlobCache>, job: Job) -> Result<
 
 /// Makes sure the server has every blob of `uploads`: asks which it lacks,
 /// then sends those.
-pub async fn upload_missing(cas: &CasClient, cache: &Arc<BlobCache>, uploads: Vec<Upload>) -> Result<u64> {
+pub async fn upload_missing(
+    cas: &CasClient,
+    cache: &Arc<BlobCache>,
+    uploads: Vec<Upload>,
+) -> Result<u64> {
     if uploads.is_empty() {
         return Ok(0);
     }
@@ -143,7 +147,9 @@ pub async fn upload_missing(cas: &CasClient, cache: &Arc<BlobCache>, uploads: Ve
     Ok(sent)
 }
 
-pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?

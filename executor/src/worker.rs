@@ -118,7 +118,9 @@ pub async fn run(
         shared.outbox.lock().expect("outbox").stream = None;
         match result {
             Ok(()) => tracing::warn!("server closed the worker stream; reconnecting"),
-            Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "lost the server; reconnecting"),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "lost the server; reconnecting")
+            }
         }
         if started.elapsed() > Duration::from_secs(10) {
             backoff = BACKOFF_START;
@@ -167,7 +169,13 @@ async fn session(shared: &Arc<Shared>, channel: Channel) -> Result<()> {
         slots: id.slots,
         images: id.images.clone(),
         network_allowed: id.network_allowed,
-        running: shared.running.lock().expect("running").keys().cloned().collect(),
+        running: shared
+            .running
+            .lock()
+            .expect("running")
+            .keys()
+            .cloned()
+            .collect(),
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
     tx.send(msg(worker_message::Kind::Hello(hello)))

@@ -43,6 +43,8 @@ pub struct ServerConfig {
     pub cas: CasConfig,
     /// gRPC transport settings.
     pub grpc: GrpcConfig,
+    /// Remote execution: timeouts, platform rules, graces.
+    pub execution: crate::execution::ExecutionConfig,
 }
 
 /// Which backend holds blobs.
@@ -120,6 +122,7 @@ impl Default for ServerConfig {
             storage: StorageConfig::default(),
             cas: CasConfig::default(),
             grpc: GrpcConfig::default(),
+            execution: Default::default(),
         }
     }
 }

@@ -4,9 +4,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use kiln_executor::WorkerConfig;
+use kiln_proto::longrunning::operations_server::OperationsServer;
+use kiln_proto::reapi::execution_server::ExecutionServer;
+use kiln_proto::worker::workers_server::WorkersServer;
+use kiln_sandbox::LauncherConfig;
 use kiln_server::config::Backend;
+use kiln_server::execution::Execution;
 use kiln_server::{KilnServer, ServerConfig};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 /// Flags of `kiln serve`; each overrides the config file.
@@ -33,6 +39,13 @@ pub struct ServeArgs {
     /// fsync every blob before acknowledging it.
     #[arg(long)]
     pub fsync: bool,
+    /// Workers embedded in this process, each with its own cache under the
+    /// data directory; 0 for a pure server [default: 1].
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Flags for the embedded workers, as for `kiln worker`.
+    #[command(flatten)]
+    pub worker: super::worker::WorkerFlags,
 }
 
 impl ServeArgs {
@@ -65,7 +78,7 @@ impl ServeArgs {
     }
 }
 
-/// Runs the server until SIGINT or SIGTERM.
+/// Runs the server (and its embedded workers) until SIGINT or SIGTERM.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     super::init_logging();
     let config = args.config()?;
@@ -76,23 +89,58 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("opening storage in {}", config.data_dir().display()))?;
         let listener = server.bind().await?;
         let addr = listener.local_addr()?;
+        let execution = Execution::new(
+            config.execution.clone(),
+            server.storage().cas.clone(),
+            server.storage().action_cache.clone(),
+            server.instances().clone(),
+            Some(&config.data_dir().join("execution")),
+        )?;
+        server.execution_capabilities().set_enabled(true);
+        let max = server.max_message_bytes();
+        let mut routes = server.routes();
+        routes
+            .add_service(
+                ExecutionServer::new(execution.execution)
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            )
+            .add_service(OperationsServer::new(execution.operations))
+            .add_service(
+                WorkersServer::new(execution.workers)
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            );
+
+        let shutdown = CancellationToken::new();
+        let mut workers = Vec::new();
+        for i in 0..args.workers {
+            let mut wc = WorkerConfig::default();
+            args.worker.apply(&mut wc)?;
+            // Embedded workers talk to this very endpoint over loopback,
+            // through the same protocol as remote ones.
+            let host = if addr.ip().is_unspecified() {
+                "127.0.0.1".to_string()
+            } else {
+                addr.ip().to_string()
+            };
+            wc.server = format!("http://{host}:{}", addr.port());
+            wc.data_dir = Some(config.data_dir().join(format!("worker-{i}")));
+            let handle = kiln_executor::start(&wc, LauncherConfig::current_exe(), shutdown.clone())
+                .with_context(|| format!("starting embedded worker {i}"))?;
+            workers.push(handle);
+        }
+
         // Tests and the benchmark read this line to find a port-0 server.
         println!("kiln: listening on {addr}");
-        info!(%addr, data_dir = %config.data_dir().display(), "Kiln is up");
-        let routes = server.routes().routes();
-        server.serve(listener, routes, shutdown_signal()).await?;
+        info!(%addr, data_dir = %config.data_dir().display(), workers = args.workers, "Kiln is up");
+        server
+            .serve(listener, routes.routes(), super::shutdown_signal())
+            .await?;
+        shutdown.cancel();
+        for w in workers {
+            let _ = w.await;
+        }
         Ok(())
     })
-}
-
-async fn shutdown_signal() {
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    info!("shutting down");
 }

@@ -12,12 +12,20 @@ pub struct WorkerArgs {
     /// The server to join [default: http://127.0.0.1:50051].
     #[arg(long)]
     pub server: Option<String>,
-    /// Actions run at once [default: number of CPUs].
-    #[arg(long)]
-    pub slots: Option<usize>,
     /// Cache and scratch directory [default: $XDG_CACHE_HOME/kiln/worker].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub common: WorkerFlags,
+}
+
+/// Worker flags shared by `kiln worker` and the embedded workers of
+/// `kiln serve`.
+#[derive(clap::Args, Debug, Default)]
+pub struct WorkerFlags {
+    /// Actions a worker runs at once [default: number of CPUs].
+    #[arg(long)]
+    pub slots: Option<usize>,
     /// Extra platform property offered, NAME=VALUE (repeatable); OSFamily
     /// and ISA are detected.
     #[arg(long = "platform", value_name = "NAME=VALUE")]
@@ -51,12 +59,19 @@ impl WorkerArgs {
         if let Some(s) = &self.server {
             config.server = s.clone();
         }
+        if let Some(d) = &self.data_dir {
+            config.data_dir = Some(d.clone());
+        }
+        self.common.apply(config)
+    }
+}
+
+impl WorkerFlags {
+    /// Applies the flags over `config`.
+    pub fn apply(&self, config: &mut WorkerConfig) -> anyhow::Result<()> {
         if let Some(n) = self.slots {
             anyhow::ensure!(n > 0, "--slots must be at least 1");
             config.slots = n;
-        }
-        if let Some(d) = &self.data_dir {
-            config.data_dir = Some(d.clone());
         }
         config.platform.extend(self.platform.iter().cloned());
         for image in &self.images {

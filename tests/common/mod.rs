@@ -35,7 +35,10 @@ pub fn busybox_root() -> Option<PathBuf> {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("the busybox fixture is missing in CI: run scripts/fixtures");
     }
-    eprintln!("skipped: busybox fixture missing at {} (run scripts/fixtures)", root.display());
+    eprintln!(
+        "skipped: busybox fixture missing at {} (run scripts/fixtures)",
+        root.display()
+    );
     None
 }
 
@@ -122,7 +125,11 @@ pub fn serve(dir: &Path, extra: &[&str]) -> Proc {
 
 pub async fn channel(url: &str) -> Channel {
     for _ in 0..100 {
-        if let Ok(c) = Channel::from_shared(url.to_string()).unwrap().connect().await {
+        if let Ok(c) = Channel::from_shared(url.to_string())
+            .unwrap()
+            .connect()
+            .await
+        {
             return c;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -183,7 +190,10 @@ fn dir_blobs(path: &Path, blobs: &mut Vec<(Digest, Vec<u8>)>) -> Digest {
         if meta.file_type().is_symlink() {
             dir.symlinks.push(kiln_proto::reapi::SymlinkNode {
                 name,
-                target: std::fs::read_link(&p).unwrap().to_string_lossy().into_owned(),
+                target: std::fs::read_link(&p)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned(),
                 node_properties: None,
             });
         } else if meta.is_dir() {
@@ -241,7 +251,10 @@ impl ActionSpec {
             output_paths: Vec::new(),
             output_files: Vec::new(),
             output_directories: Vec::new(),
-            platform: vec![("OSFamily".into(), "linux".into()), ("ISA".into(), "x86-64".into())],
+            platform: vec![
+                ("OSFamily".into(), "linux".into()),
+                ("ISA".into(), "x86-64".into()),
+            ],
             timeout: None,
             do_not_cache: false,
             directory_only: false,
@@ -346,7 +359,9 @@ pub async fn wait(ch: &Channel, name: &str) -> Result<tonic::Streaming<Operation
 
 pub fn response(op: &Operation) -> ExecuteResponse {
     match &op.result {
-        Some(operation::Result::Response(any)) => ExecuteResponse::decode(any.value.as_slice()).unwrap(),
+        Some(operation::Result::Response(any)) => {
+            ExecuteResponse::decode(any.value.as_slice()).unwrap()
+        }
         other => panic!("operation ended without a response: {other:?}"),
     }
 }

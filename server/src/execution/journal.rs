@@ -140,7 +140,8 @@ impl Journal {
             let f = w
                 .into_inner()
                 .map_err(|e| Error::io("write journal", &tmp, e.into_error()))?;
-            f.sync_all().map_err(|e| Error::io("sync journal", &tmp, e))?;
+            f.sync_all()
+                .map_err(|e| Error::io("sync journal", &tmp, e))?;
         }
         fs::rename(&tmp, path).map_err(|e| Error::io("replace journal", path, e))?;
         let file = OpenOptions::new()
@@ -252,6 +253,10 @@ mod tests {
         })
         .unwrap();
         assert_eq!(records.len(), 1);
-        assert_eq!(replay(&path).unwrap().len(), 1, "rewritten with only what was kept");
+        assert_eq!(
+            replay(&path).unwrap().len(),
+            1,
+            "rewritten with only what was kept"
+        );
     }
 }

@@ -92,7 +92,11 @@ impl Execution for ExecutionService {
     ) -> Result<Response<Self::ExecuteStream>, Status> {
         let tool = request_metadata(&request)
             .and_then(|m| m.tool_details)
-            .map(|t| format!("{} {}", t.tool_name, t.tool_version).trim().to_string())
+            .map(|t| {
+                format!("{} {}", t.tool_name, t.tool_version)
+                    .trim()
+                    .to_string()
+            })
             .unwrap_or_default();
         let req = request.into_inner();
         self.instances.check(&req.instance_name)?;
@@ -139,9 +143,9 @@ impl Operations for OperationsService {
         let start: usize = if req.page_token.is_empty() {
             0
         } else {
-            req.page_token
-                .parse()
-                .map_err(|_| Status::invalid_argument(format!("invalid page_token {:?}", req.page_token)))?
+            req.page_token.parse().map_err(|_| {
+                Status::invalid_argument(format!("invalid page_token {:?}", req.page_token))
+            })?
         };
         let page_size = if req.page_size <= 0 {
             1000
@@ -206,7 +210,10 @@ impl Operations for OperationsService {
             .ok_or_else(|| Status::not_found(format!("operation {} not found", req.name)))?;
         let limit = req
             .timeout
-            .map(|t| Duration::from_secs(t.seconds.max(0) as u64) + Duration::from_nanos(t.nanos.max(0) as u64))
+            .map(|t| {
+                Duration::from_secs(t.seconds.max(0) as u64)
+                    + Duration::from_nanos(t.nanos.max(0) as u64)
+            })
             .filter(|d| !d.is_zero())
             .unwrap_or(Duration::from_secs(60));
         let deadline = tokio::time::Instant::now() + limit;

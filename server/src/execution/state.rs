@@ -25,11 +25,12 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::scheduler::{Assignment, Capabilities, MatchKey, Rank, Scheduler, platform};
 
+use super::ExecutionConfig;
 use super::journal::{self, Journal, record};
 use super::validate::CheckedAction;
-use super::ExecutionConfig;
 
-const METADATA_TYPE: &str = "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteOperationMetadata";
+const METADATA_TYPE: &str =
+    "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteOperationMetadata";
 const RESPONSE_TYPE: &str = "type.googleapis.com/build.bazel.remote.execution.v2.ExecuteResponse";
 
 pub type OpWatch = watch::Receiver<Arc<Operation>>;
@@ -38,10 +39,14 @@ pub type OpWatch = watch::Receiver<Arc<Operation>>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OpState {
     Queued,
-    Executing { worker: String },
+    Executing {
+        worker: String,
+    },
     /// Running when the server restarted: waiting for its worker to
     /// reconnect and claim it, until `deadline`.
-    Unclaimed { deadline: Instant },
+    Unclaimed {
+        deadline: Instant,
+    },
     Completed,
 }
 
@@ -211,7 +216,8 @@ impl ExecutionState {
                 continue;
             };
             let action = kiln_proto::reapi::Action::decode(q.action.as_slice()).unwrap_or_default();
-            let command = kiln_proto::reapi::Command::decode(q.command.as_slice()).unwrap_or_default();
+            let command =
+                kiln_proto::reapi::Command::decode(q.command.as_slice()).unwrap_or_default();
             #[allow(deprecated)]
             let platform = action
                 .platform
@@ -219,7 +225,12 @@ impl ExecutionState {
                 .filter(|p| !p.properties.is_empty())
                 .or(command.platform.as_ref());
             let properties: Vec<(String, String)> = platform
-                .map(|p| p.properties.iter().map(|p| (p.name.clone(), p.value.clone())).collect())
+                .map(|p| {
+                    p.properties
+                        .iter()
+                        .map(|p| (p.name.clone(), p.value.clone()))
+                        .collect()
+                })
                 .unwrap_or_default();
             let key = platform::Requirements::parse(
                 properties.iter().map(|(k, v)| (k.as_str(), v.as_str())),
@@ -261,13 +272,17 @@ impl ExecutionState {
             } else if let Some((_, attempt)) = started.get(&q.name) {
                 op.attempt = *attempt;
                 op.state = OpState::Unclaimed {
-                    deadline: now + self.config.reattach_grace,
+                    deadline: now + self.config.reattach_grace(),
                 };
                 op.publish(ExecStage::Executing, None);
-                inner.inflight.insert((op.instance.clone(), op.action_digest), op.name.clone());
+                inner
+                    .inflight
+                    .insert((op.instance.clone(), op.action_digest), op.name.clone());
             } else {
                 op.publish(ExecStage::Queued, None);
-                inner.inflight.insert((op.instance.clone(), op.action_digest), op.name.clone());
+                inner
+                    .inflight
+                    .insert((op.instance.clone(), op.action_digest), op.name.clone());
                 inner.scheduler.enqueue(&op.name, key, rank);
                 // Never an assignment: no worker is connected yet.
             }
@@ -341,8 +356,12 @@ impl ExecutionState {
         records
             .into_iter()
             .filter(|r| match &r.kind {
-                Some(record::Kind::Queued(q)) => !expired(&q.name) && !completed.contains_key(&q.name),
-                Some(record::Kind::Started(s)) => !expired(&s.name) && !completed.contains_key(&s.name),
+                Some(record::Kind::Queued(q)) => {
+                    !expired(&q.name) && !completed.contains_key(&q.name)
+                }
+                Some(record::Kind::Started(s)) => {
+                    !expired(&s.name) && !completed.contains_key(&s.name)
+                }
                 Some(record::Kind::Completed(c)) => !expired(&c.name),
                 // One record per distinct worker platform.
                 Some(record::Kind::Worker(w)) => workers_seen.insert(w.encode_to_vec()),
@@ -356,7 +375,7 @@ impl ExecutionState {
         if inner.scheduler.can_run(key) {
             return true;
         }
-        let grace = self.config.worker_loss_grace;
+        let grace = self.config.worker_loss_grace();
         if inner
             .recent
             .iter()
@@ -367,7 +386,7 @@ impl ExecutionState {
         // Right after start, before any worker has (re)connected.
         inner.workers.is_empty()
             && inner.recent.is_empty()
-            && self.started.elapsed() < self.config.startup_grace
+            && self.started.elapsed() < self.config.startup_grace()
     }
 
     fn no_worker_message(&self, inner: &Inner, key: &MatchKey) -> String {
@@ -377,7 +396,12 @@ impl ExecutionState {
         } else {
             platforms
                 .iter()
-                .map(|p| format!("[{}] ({} worker(s), {} slot(s))", p.caps, p.workers, p.slots))
+                .map(|p| {
+                    format!(
+                        "[{}] ({} worker(s), {} slot(s))",
+                        p.caps, p.workers, p.slots
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join("; ")
         };
@@ -397,7 +421,11 @@ impl ExecutionState {
     ) -> Result<(String, OpWatch)> {
         let do_not_cache = checked.action.do_not_cache;
         if !skip_cache_lookup && !do_not_cache {
-            if let Some(result) = self.ac.get(&checked.instance, &checked.action_digest).await? {
+            if let Some(result) = self
+                .ac
+                .get(&checked.instance, &checked.action_digest)
+                .await?
+            {
                 return Ok(self.cached(&checked, result));
             }
         }
@@ -449,18 +477,19 @@ impl ExecutionState {
         };
         op.publish(ExecStage::Queued, None);
         let rx = op.tx.subscribe();
-        self.journal.append(record::Kind::Queued(journal::QueuedRecord {
-            name: name.clone(),
-            instance: op.instance.clone(),
-            action_digest: op.action_digest.to_proto().encode_to_vec(),
-            action: op.action.to_vec(),
-            command: op.command.to_vec(),
-            priority: rank.0,
-            seq: rank.1,
-            queued_at_unix_ns,
-            timeout_ms,
-            do_not_cache,
-        }));
+        self.journal
+            .append(record::Kind::Queued(journal::QueuedRecord {
+                name: name.clone(),
+                instance: op.instance.clone(),
+                action_digest: op.action_digest.to_proto().encode_to_vec(),
+                action: op.action.to_vec(),
+                command: op.command.to_vec(),
+                priority: rank.0,
+                seq: rank.1,
+                queued_at_unix_ns,
+                timeout_ms,
+                do_not_cache,
+            }));
         if !do_not_cache {
             inner
                 .inflight
@@ -484,7 +513,12 @@ impl ExecutionState {
             server_logs: Default::default(),
             message: String::new(),
         };
-        let operation = build_operation(&name, &checked.action_digest, ExecStage::Completed, Some(response));
+        let operation = build_operation(
+            &name,
+            &checked.action_digest,
+            ExecStage::Completed,
+            Some(response),
+        );
         let (tx, rx) = watch::channel(Arc::new(operation));
         let now = Instant::now();
         let op = Op {
@@ -547,16 +581,17 @@ impl ExecutionState {
                 .collect(),
             queued_at_unix_ns: op.queued_at_unix_ns,
         };
-        self.journal.append(record::Kind::Started(journal::StartedRecord {
-            name: op.name.clone(),
-            worker: a.worker.clone(),
-            attempt: op.attempt,
-        }));
+        self.journal
+            .append(record::Kind::Started(journal::StartedRecord {
+                name: op.name.clone(),
+                worker: a.worker.clone(),
+                attempt: op.attempt,
+            }));
         tracing::info!(operation = %op.name, action = %op.action_digest, worker = %a.worker, attempt = op.attempt, "dispatched");
-        let sent = inner
-            .workers
-            .get(&a.worker)
-            .is_some_and(|w| w.tx.send(Ok(server_msg(server_message::Kind::Lease(lease)))).is_ok());
+        let sent = inner.workers.get(&a.worker).is_some_and(|w| {
+            w.tx.send(Ok(server_msg(server_message::Kind::Lease(lease))))
+                .is_ok()
+        });
         if !sent {
             // The worker's stream is gone; its removal re-queues the lease.
             tracing::debug!(worker = %a.worker, "lease not delivered: worker stream closed");
@@ -575,7 +610,12 @@ impl ExecutionState {
     pub fn list(&self) -> Vec<Arc<Operation>> {
         let inner = self.lock();
         let mut ops: Vec<&Op> = inner.ops.values().collect();
-        ops.sort_by(|a, b| b.times.queued.cmp(&a.times.queued).then(a.name.cmp(&b.name)));
+        ops.sort_by(|a, b| {
+            b.times
+                .queued
+                .cmp(&a.times.queued)
+                .then(a.name.cmp(&b.name))
+        });
         ops.into_iter().map(|op| op.tx.borrow().clone()).collect()
     }
 
@@ -594,10 +634,11 @@ impl ExecutionState {
             // The worker's slot stays taken until it reports the kill.
             OpState::Executing { worker } => {
                 if let Some(w) = inner.workers.get(&worker) {
-                    let _ = w.tx.send(Ok(server_msg(server_message::Kind::Cancel(Cancel {
-                        lease_id: name.to_string(),
-                        reason: "CancelOperation".into(),
-                    }))));
+                    let _ =
+                        w.tx.send(Ok(server_msg(server_message::Kind::Cancel(Cancel {
+                            lease_id: name.to_string(),
+                            reason: "CancelOperation".into(),
+                        }))));
                 }
             }
             OpState::Unclaimed { .. } => {}
@@ -626,9 +667,10 @@ impl ExecutionState {
         }
         let mut inner = self.lock();
         inner.ops.remove(name);
-        self.journal.append(record::Kind::Deleted(journal::DeletedRecord {
-            name: name.to_string(),
-        }));
+        self.journal
+            .append(record::Kind::Deleted(journal::DeletedRecord {
+                name: name.to_string(),
+            }));
         Ok(())
     }
 
@@ -684,7 +726,7 @@ impl ExecutionState {
         }
         let welcome = Welcome {
             server_id: self.server_id.clone(),
-            keepalive_interval_ms: self.config.keepalive.as_millis() as u32,
+            keepalive_interval_ms: self.config.keepalive().as_millis() as u32,
             unknown_leases: unknown,
         };
         let _ = tx.send(Ok(server_msg(server_message::Kind::Welcome(welcome))));
@@ -704,12 +746,13 @@ impl ExecutionState {
         inner.recent.retain(|(c, _)| *c != caps);
         inner.recent.push((caps.clone(), Instant::now()));
         if !known {
-            self.journal.append(record::Kind::Worker(journal::WorkerRecord {
-                os_family: caps.os_family.clone(),
-                isas: caps.isas.iter().cloned().collect(),
-                images: caps.images.iter().cloned().collect(),
-                network_allowed: caps.network_allowed,
-            }));
+            self.journal
+                .append(record::Kind::Worker(journal::WorkerRecord {
+                    os_family: caps.os_family.clone(),
+                    isas: caps.isas.iter().cloned().collect(),
+                    images: caps.images.iter().cloned().collect(),
+                    network_allowed: caps.network_allowed,
+                }));
         }
         tracing::info!(worker = %hello.worker_id, host = %hello.hostname, platform = %caps, slots = hello.slots, reattached = running.len(), "worker joined");
         let assignments =
@@ -743,7 +786,11 @@ impl ExecutionState {
         let Some(op) = inner.ops.get_mut(name) else {
             return;
         };
-        if op.state != (OpState::Executing { worker: worker.to_string() }) {
+        if op.state
+            != (OpState::Executing {
+                worker: worker.to_string(),
+            })
+        {
             return;
         }
         if op.attempt >= self.config.max_attempts {
@@ -755,7 +802,12 @@ impl ExecutionState {
                 ),
                 details: Vec::new(),
             };
-            self.finish(inner, name, Finish::Response(status, None), "failed: workers lost");
+            self.finish(
+                inner,
+                name,
+                Finish::Response(status, None),
+                "failed: workers lost",
+            );
             return;
         }
         op.state = OpState::Queued;
@@ -778,7 +830,10 @@ impl ExecutionState {
     pub fn worker_progress(&self, worker: &str, p: &Progress) {
         let mut inner = self.lock();
         if let Some(op) = inner.ops.get_mut(&p.lease_id)
-            && op.state == (OpState::Executing { worker: worker.to_string() })
+            && op.state
+                == (OpState::Executing {
+                    worker: worker.to_string(),
+                })
         {
             let stage = Stage::try_from(p.stage).unwrap_or(Stage::Unspecified);
             op.times.stages.push((stage, Instant::now()));
@@ -802,7 +857,9 @@ impl ExecutionState {
         let cache_key = {
             let inner = self.lock();
             match inner.ops.get(&done.lease_id) {
-                Some(op) if op.state != OpState::Completed => Some((op.instance.clone(), op.action_digest, op.do_not_cache)),
+                Some(op) if op.state != OpState::Completed => {
+                    Some((op.instance.clone(), op.action_digest, op.do_not_cache))
+                }
                 _ => None,
             }
         };
@@ -814,7 +871,9 @@ impl ExecutionState {
         {
             match self.ac.put(instance, action, r).await {
                 Ok(c) => cached = c,
-                Err(e) => tracing::warn!(action = %action, error = %e, "could not write the action cache"),
+                Err(e) => {
+                    tracing::warn!(action = %action, error = %e, "could not write the action cache")
+                }
             }
         }
         let mut inner = self.lock();
@@ -827,10 +886,11 @@ impl ExecutionState {
                     // Another worker runs a newer attempt: stop it.
                     OpState::Executing { worker: other } if other != worker => {
                         if let Some(w) = inner.workers.get(&other) {
-                            let _ = w.tx.send(Ok(server_msg(server_message::Kind::Cancel(Cancel {
-                                lease_id: done.lease_id.clone(),
-                                reason: format!("finished on worker {worker}"),
-                            }))));
+                            let _ =
+                                w.tx.send(Ok(server_msg(server_message::Kind::Cancel(Cancel {
+                                    lease_id: done.lease_id.clone(),
+                                    reason: format!("finished on worker {worker}"),
+                                }))));
                         }
                     }
                     OpState::Queued => {
@@ -872,7 +932,8 @@ impl ExecutionState {
         op.outcome = outcome.to_string();
         let operation = match how {
             Finish::Error(status) => {
-                let mut o = build_operation(&op.name, &op.action_digest, ExecStage::Completed, None);
+                let mut o =
+                    build_operation(&op.name, &op.action_digest, ExecStage::Completed, None);
                 o.done = true;
                 o.result = Some(operation::Result::Error(status));
                 o
@@ -889,21 +950,29 @@ impl ExecutionState {
                     server_logs: Default::default(),
                     message,
                 };
-                build_operation(&op.name, &op.action_digest, ExecStage::Completed, Some(response))
+                build_operation(
+                    &op.name,
+                    &op.action_digest,
+                    ExecStage::Completed,
+                    Some(response),
+                )
             }
         };
-        self.journal.append(record::Kind::Completed(journal::CompletedRecord {
-            name: op.name.clone(),
-            operation: operation.encode_to_vec(),
-            completed_at_unix_ns: unix_ns(),
-        }));
+        self.journal
+            .append(record::Kind::Completed(journal::CompletedRecord {
+                name: op.name.clone(),
+                operation: operation.encode_to_vec(),
+                completed_at_unix_ns: unix_ns(),
+            }));
         op.tx.send_replace(Arc::new(operation));
         let key = (op.instance.clone(), op.action_digest);
         tracing::info!(operation = %name, action = %op.action_digest, outcome, "completed");
         if inner.inflight.get(&key).is_some_and(|n| n == name) {
             inner.inflight.remove(&key);
         }
-        inner.completed.push_back((Instant::now(), name.to_string()));
+        inner
+            .completed
+            .push_back((Instant::now(), name.to_string()));
     }
 
     /// Periodic housekeeping: fail actions no worker can run any more,
@@ -924,7 +993,12 @@ impl ExecutionState {
                     message: message.clone(),
                     details: Vec::new(),
                 };
-                self.finish(&mut inner, &name, Finish::Response(status, None), "failed: no worker");
+                self.finish(
+                    &mut inner,
+                    &name,
+                    Finish::Response(status, None),
+                    "failed: no worker",
+                );
             }
         }
         // Running at the last restart and never claimed.
@@ -947,23 +1021,28 @@ impl ExecutionState {
             }
         }
         // Keepalive.
-        let silent_after = self.config.keepalive * 3;
+        let silent_after = self.config.keepalive() * 3;
         let mut silent = Vec::new();
         for (id, w) in &inner.workers {
             if w.last_heard.elapsed() > silent_after {
                 silent.push((id.clone(), w.conn));
             } else {
-                let _ = w.tx.send(Ok(server_msg(server_message::Kind::Ping(Ping { seq: 0 }))));
+                let _ =
+                    w.tx.send(Ok(server_msg(server_message::Kind::Ping(Ping { seq: 0 }))));
             }
         }
         // Retention.
-        let retention = self.config.completed_retention;
+        let retention = self.config.completed_retention();
         while let Some((at, _)) = inner.completed.front() {
             if at.elapsed() < retention && inner.completed.len() <= self.config.completed_max {
                 break;
             }
             let (_, name) = inner.completed.pop_front().expect("front exists");
-            if inner.ops.get(&name).is_some_and(|op| op.state == OpState::Completed) {
+            if inner
+                .ops
+                .get(&name)
+                .is_some_and(|op| op.state == OpState::Completed)
+            {
                 inner.ops.remove(&name);
             }
         }
@@ -972,7 +1051,8 @@ impl ExecutionState {
             if let Some(w) = self.lock().workers.get(&id)
                 && w.conn == conn
             {
-                let _ = w.tx.send(Err(Status::unavailable("no keepalive from the worker")));
+                let _ =
+                    w.tx.send(Err(Status::unavailable("no keepalive from the worker")));
             }
             self.worker_left(&id, conn, "no keepalive");
         }

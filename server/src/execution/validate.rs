@@ -73,8 +73,12 @@ pub async fn check(
         digest: action_digest,
         source,
     })?;
-    let command_digest = Digest::from_field(action.command_digest.as_ref(), "action.command_digest")?;
-    let input_root = Digest::from_field(action.input_root_digest.as_ref(), "action.input_root_digest")?;
+    let command_digest =
+        Digest::from_field(action.command_digest.as_ref(), "action.command_digest")?;
+    let input_root = Digest::from_field(
+        action.input_root_digest.as_ref(),
+        "action.input_root_digest",
+    )?;
     let command_bytes = fetch(cas, &command_digest, "the Command").await?;
     let command = Command::decode(command_bytes.clone()).map_err(|source| Error::Decode {
         what: "Command",
@@ -166,7 +170,11 @@ fn check_command(cmd: &Command) -> Result<()> {
     }
     let mut names = HashSet::new();
     for v in &cmd.environment_variables {
-        if v.name.is_empty() || v.name.contains('=') || v.name.contains('\0') || v.value.contains('\0') {
+        if v.name.is_empty()
+            || v.name.contains('=')
+            || v.name.contains('\0')
+            || v.value.contains('\0')
+        {
             return Err(Error::InvalidArgument(format!(
                 "environment variable {:?} has an invalid name or value",
                 v.name
@@ -187,19 +195,27 @@ fn effective_timeout(action: &Action, config: &ExecutionConfig) -> Result<Option
         Duration::from_secs(t.seconds.max(0) as u64) + Duration::from_nanos(t.nanos.max(0) as u64)
     });
     match asked {
-        Some(t) if t > config.max_action_timeout => Err(Error::InvalidArgument(format!(
+        Some(t) if t > config.max_action_timeout() => Err(Error::InvalidArgument(format!(
             "action timeout of {:?} exceeds this server's maximum of {:?}",
-            t, config.max_action_timeout
+            t,
+            config.max_action_timeout()
         ))),
         Some(t) if !t.is_zero() => Ok(Some(t)),
-        _ => Ok(config.default_action_timeout.or(Some(config.max_action_timeout))),
+        _ => Ok(config
+            .default_action_timeout()
+            .or(Some(config.max_action_timeout()))),
     }
 }
 
 /// Every blob of the tree under `root` the CAS lacks, after checking every
 /// Directory is well formed (INVALID_ARGUMENT naming the directory and the
 /// entry otherwise).
-async fn check_tree(cas: &Cas, valid: &ValidTrees, root: Digest, what: &str) -> Result<Vec<Digest>> {
+async fn check_tree(
+    cas: &Cas,
+    valid: &ValidTrees,
+    root: Digest,
+    what: &str,
+) -> Result<Vec<Digest>> {
     if valid.contains(&root) {
         return tree::missing_in_directory_tree(cas, root).await;
     }

@@ -41,7 +41,11 @@ impl Workers for WorkersService {
             .map_err(|_| Status::deadline_exceeded("no Hello within 10 s of joining"))??;
         let hello = match first.and_then(|m| m.kind) {
             Some(worker_message::Kind::Hello(h)) => h,
-            _ => return Err(Status::invalid_argument("the first message of Join must be Hello")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of Join must be Hello",
+                ));
+            }
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let conn = self.state.worker_joined(&hello, tx)?;
@@ -53,7 +57,9 @@ impl Workers for WorkersService {
                     Ok(Some(m)) => {
                         state.worker_heard(&worker);
                         match m.kind {
-                            Some(worker_message::Kind::Progress(p)) => state.worker_progress(&worker, &p),
+                            Some(worker_message::Kind::Progress(p)) => {
+                                state.worker_progress(&worker, &p)
+                            }
                             Some(worker_message::Kind::Done(d)) => {
                                 let state = Arc::clone(&state);
                                 let worker = worker.clone();
