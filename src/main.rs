@@ -35,6 +35,8 @@ enum Command {
 enum BenchCommand {
     /// CAS, ByteStream and ActionCache throughput and latency.
     Cas(cmd::bench_cas::BenchCasArgs),
+    /// Trivial-action throughput and latency, and input staging cost.
+    Exec(cmd::bench_exec::BenchExecArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         Command::Cas(args) => cmd::cas::run(args),
         Command::Bench { what } => match what {
             BenchCommand::Cas(args) => cmd::bench_cas::run(args),
+            BenchCommand::Exec(args) => cmd::bench_exec::run(args),
         },
     }
 }

@@ -109,7 +109,7 @@ pub fn run(args: BenchCasArgs) -> anyhow::Result<()> {
     let url = match &args.server {
         Some(u) => u.clone(),
         None => {
-            let (c, addr) = spawn_server(&work.path().join("server"))?;
+            let (c, addr) = spawn_server(&work.path().join("server"), &["--workers", "0"])?;
             child = Some(c);
             format!("http://{addr}")
         }
@@ -130,7 +130,8 @@ pub fn run(args: BenchCasArgs) -> anyhow::Result<()> {
     result
 }
 
-fn spawn_server(data_dir: &Path) -> anyhow::Result<(Child, SocketAddr)> {
+/// Starts `kiln serve` (this binary) on port 0 with `extra` flags.
+pub(super) fn spawn_server(data_dir: &Path, extra: &[&str]) -> anyhow::Result<(Child, SocketAddr)> {
     let exe = std::env::current_exe().context("locating the kiln binary")?;
     let mut child = Command::new(exe)
         .args([
@@ -142,6 +143,7 @@ fn spawn_server(data_dir: &Path) -> anyhow::Result<(Child, SocketAddr)> {
             "--data-dir",
         ])
         .arg(data_dir)
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

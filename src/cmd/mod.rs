@@ -1,6 +1,7 @@
 //! The subcommands of `kiln`, one module each.
 
 pub mod bench_cas;
+pub mod bench_exec;
 pub mod cas;
 pub mod serve;
 pub mod worker;
