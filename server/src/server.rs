@@ -166,6 +166,7 @@ impl KilnServer {
         tonic::transport::Server::builder()
             .initial_stream_window_size(g.stream_window_bytes)
             .initial_connection_window_size(g.connection_window_bytes)
+            .max_frame_size(g.max_frame_bytes)
             .tcp_nodelay(true)
     }
 
