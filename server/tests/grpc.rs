@@ -37,11 +37,12 @@ struct Harness {
 }
 
 fn config(dir: &std::path::Path) -> ServerConfig {
-    let mut c = ServerConfig::default();
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    c.data_dir = Some(dir.to_path_buf());
-    c.instance_names = vec!["main".into(), "ci/linux".into()];
-    c
+    ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: Some(dir.to_path_buf()),
+        instance_names: vec!["main".into(), "ci/linux".into()],
+        ..Default::default()
+    }
 }
 
 async fn start_with(config: ServerConfig) -> (RunningServer, Channel) {
@@ -1454,4 +1455,91 @@ async fn eviction_keeps_the_limit_and_spares_a_blob_being_read() {
     }
     assert_eq!(Digest::of(&got), bd);
     h.server.stop().await.unwrap();
+}
+
+/// A stand-in for a service another part of Kiln adds to the endpoint: it
+/// answers every Join with one Welcome.
+struct Welcomer;
+
+#[tonic::async_trait]
+impl kiln_proto::worker::workers_server::Workers for Welcomer {
+    type JoinStream = std::pin::Pin<
+        Box<
+            dyn futures::Stream<Item = Result<kiln_proto::worker::ServerMessage, tonic::Status>>
+                + Send,
+        >,
+    >;
+
+    async fn join(
+        &self,
+        _request: tonic::Request<tonic::Streaming<kiln_proto::worker::WorkerMessage>>,
+    ) -> Result<tonic::Response<Self::JoinStream>, tonic::Status> {
+        let welcome = kiln_proto::worker::ServerMessage {
+            kind: Some(kiln_proto::worker::server_message::Kind::Welcome(
+                kiln_proto::worker::Welcome {
+                    server_id: "test".into(),
+                    ..Default::default()
+                },
+            )),
+        };
+        Ok(tonic::Response::new(Box::pin(futures::stream::iter([Ok(
+            welcome,
+        )]))))
+    }
+}
+
+#[tokio::test]
+async fn other_services_share_the_endpoint() {
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        storage: kiln_server::config::StorageConfig {
+            backend: kiln_server::config::Backend::Memory,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let server = KilnServer::open(config).await.unwrap();
+    server.execution_capabilities().set_enabled(true);
+    let storage = server.storage().clone();
+    let mut routes = server.routes();
+    routes.add_service(
+        kiln_proto::worker::workers_server::WorkersServer::new(Welcomer)
+            .max_decoding_message_size(server.max_message_bytes()),
+    );
+    let running = server.start(routes.routes()).await.unwrap();
+    let channel = kiln_server::client::connect(&running.url()).await.unwrap();
+
+    let mut workers = kiln_proto::worker::workers_client::WorkersClient::new(channel.clone());
+    let mut stream = workers
+        .join(futures::stream::empty())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(matches!(
+        first.kind,
+        Some(kiln_proto::worker::server_message::Kind::Welcome(_))
+    ));
+
+    let caps = CapabilitiesClient::new(channel.clone())
+        .get_capabilities(GetCapabilitiesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(caps.execution_capabilities.unwrap().exec_enabled);
+
+    // The storage handle and the gRPC services see the same blobs.
+    let d = storage
+        .cas
+        .put(Bytes::from_static(b"put through the handle"))
+        .await
+        .unwrap();
+    let client = kiln_server::client::CasClient::with_channel(channel, "")
+        .await
+        .unwrap();
+    assert_eq!(
+        &client.read(d).await.unwrap()[..],
+        b"put through the handle"
+    );
+    running.stop().await.unwrap();
 }

@@ -778,9 +778,9 @@ impl BlobStore for PackStore {
         Ok(digests
             .iter()
             .filter(|d| {
-                !st.index
+                st.index
                     .get(d.hash())
-                    .is_some_and(|l| l.size as u64 == d.size())
+                    .is_none_or(|l| l.size as u64 != d.size())
             })
             .copied()
             .collect())
