@@ -112,6 +112,10 @@ pub struct GrpcConfig {
     /// Largest HTTP/2 frame the server accepts. Default 1 MiB (the HTTP/2
     /// default of 16 KiB splits every ByteStream chunk into 64 frames).
     pub max_frame_bytes: u32,
+    /// Seconds in-flight calls get to finish after a shutdown signal before
+    /// connections are dropped (long-lived streams would otherwise hold the
+    /// shutdown forever). Default 10.
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -157,6 +161,7 @@ impl Default for GrpcConfig {
             stream_window_bytes: 4 << 20,
             connection_window_bytes: 16 << 20,
             max_frame_bytes: 1 << 20,
+            shutdown_grace_secs: 10,
         }
     }
 }

@@ -1543,3 +1543,45 @@ async fn other_services_share_the_endpoint() {
     );
     running.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn shutdown_does_not_wait_forever_for_open_streams() {
+    let mut config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    };
+    config.storage.backend = kiln_server::config::Backend::Memory;
+    config.grpc.shutdown_grace_secs = 1;
+    let (server, channel) = start_with(config).await;
+    // An upload that never finishes keeps its stream open.
+    let blob = data(5, 1 << 20);
+    let d = Digest::of(&blob);
+    let name = upload_name(&d);
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tx.send(write_reqs(&name, &blob, 4096, 0).remove(0))
+        .await
+        .unwrap();
+    let mut bs = ByteStreamClient::new(channel.clone());
+    let _call = tokio::spawn(async move {
+        bs.write(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    loop {
+        let s = ByteStreamClient::new(channel.clone())
+            .query_write_status(QueryWriteStatusRequest {
+                resource_name: name.clone(),
+            })
+            .await;
+        if s.is_ok_and(|s| s.get_ref().committed_size == 4096) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), server.stop())
+        .await
+        .expect("shutdown finished")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    drop(tx);
+}
