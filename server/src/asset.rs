@@ -3,11 +3,16 @@
 //! name this blob / directory", Fetch answers from those records. Kiln
 //! never downloads anything itself: an asset nobody pushed is NOT_FOUND.
 //!
-//! A mapping is returned only while everything it names is still in the CAS
-//! (the blob or the whole directory tree, and every referenced blob and
-//! tree), mirroring the action cache's completeness rule: after eviction a
-//! fetch is a miss, never a dangling digest. Pushing a mapping whose
-//! content is not in the CAS is FAILED_PRECONDITION listing what is missing.
+//! Pushing a mapping whose content (the blob, or the whole directory tree)
+//! is not in the CAS is FAILED_PRECONDITION listing what is missing.
+//! References are checked too, but BuildStream lists its artifact's
+//! `buildtree`, `sources` and `buildroot` as references even when it could
+//! not upload them (it skips them on `FileNotFoundError`), so a reference
+//! that is absent at push time is accepted and recorded as not required.
+//! A mapping is then returned only while its content and every reference
+//! that was present at push time are still in the CAS, mirroring the action
+//! cache's completeness rule: after eviction a fetch is a miss, never a
+//! dangling digest.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -62,10 +67,12 @@ pub struct AssetRecord {
     /// When it stops being served (Unix nanoseconds); 0 = never.
     #[prost(int64, tag = "3")]
     pub expire_at_unix_nanos: i64,
-    /// Blobs that must stay for the mapping to be served.
+    /// Referenced blobs that were present at push time: they must stay for
+    /// the mapping to be served.
     #[prost(message, repeated, tag = "4")]
     pub references_blobs: Vec<reapi::Digest>,
-    /// Directory trees that must stay for the mapping to be served.
+    /// Referenced directory trees that were complete at push time: they
+    /// must stay for the mapping to be served.
     #[prost(message, repeated, tag = "5")]
     pub references_directories: Vec<reapi::Digest>,
 }
@@ -131,35 +138,49 @@ impl AssetStore {
         RecordStore::key("asset", instance, &hex::encode(h.finalize()))
     }
 
-    /// Records the mapping for every URI. Everything it names must be in
-    /// the CAS.
+    /// Records the mapping for every URI. The content must be complete in
+    /// the CAS; references absent from it are recorded as not required.
     pub async fn push(&self, push: PushAsset<'_>) -> Result<()> {
         validate_uris(push.uris)?;
         validate_qualifiers(push.qualifiers)?;
-        let missing = self
-            .missing(
-                push.kind,
-                push.digest,
-                &push.references_blobs,
-                &push.references_directories,
-            )
-            .await?;
+        let missing = self.missing(push.kind, push.digest, &[], &[]).await?;
         if !missing.is_empty() {
             return Err(Error::MissingBlobs {
                 context: format!("push of {} {}", push.kind.tag(), push.digest),
                 missing,
             });
         }
+        let absent_blobs = self.cas.find_missing(&push.references_blobs).await?;
+        let blobs: Vec<Digest> = push
+            .references_blobs
+            .iter()
+            .filter(|d| !absent_blobs.contains(d))
+            .copied()
+            .collect();
+        let mut dirs = Vec::new();
+        for d in &push.references_directories {
+            if tree::missing_in_directory_tree(&self.cas, *d)
+                .await?
+                .is_empty()
+            {
+                dirs.push(*d);
+            }
+        }
+        let skipped = push.references_blobs.len() - blobs.len() + push.references_directories.len()
+            - dirs.len();
+        if skipped > 0 {
+            debug!(
+                digest = %push.digest,
+                skipped,
+                "references not in the CAS at push time are not required for this mapping"
+            );
+        }
         let record = AssetRecord {
             digest: Some(push.digest.to_proto()),
             pushed_at_unix_nanos: unix_nanos(SystemTime::now()),
             expire_at_unix_nanos: push.expire_at.map(unix_nanos).unwrap_or(0),
-            references_blobs: push.references_blobs.iter().map(Digest::to_proto).collect(),
-            references_directories: push
-                .references_directories
-                .iter()
-                .map(Digest::to_proto)
-                .collect(),
+            references_blobs: blobs.iter().map(Digest::to_proto).collect(),
+            references_directories: dirs.iter().map(Digest::to_proto).collect(),
         };
         let bytes = Bytes::from(record.encode_to_vec());
         for uri in push.uris {

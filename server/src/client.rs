@@ -45,6 +45,7 @@ pub async fn connect(url: &str) -> Result<Channel> {
         .map_err(|e| Error::Config(format!("server URL {url:?}: {e}")))?
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(16 << 20)
+        .max_frame_size(1 << 20)
         .tcp_nodelay(true);
     Ok(endpoint.connect().await?)
 }

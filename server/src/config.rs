@@ -111,6 +111,13 @@ pub struct GrpcConfig {
     pub stream_window_bytes: u32,
     /// HTTP/2 per-connection flow-control window. Default 16 MiB.
     pub connection_window_bytes: u32,
+    /// Largest HTTP/2 frame the server accepts. Default 1 MiB (the HTTP/2
+    /// default of 16 KiB splits every ByteStream chunk into 64 frames).
+    pub max_frame_bytes: u32,
+    /// Seconds in-flight calls get to finish after a shutdown signal before
+    /// connections are dropped (long-lived streams would otherwise hold the
+    /// shutdown forever). Default 10.
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -156,6 +163,8 @@ impl Default for GrpcConfig {
             max_message_bytes: 16 << 20,
             stream_window_bytes: 4 << 20,
             connection_window_bytes: 16 << 20,
+            max_frame_bytes: 1 << 20,
+            shutdown_grace_secs: 10,
         }
     }
 }
@@ -198,6 +207,12 @@ impl ServerConfig {
             return Err(Error::Config(format!(
                 "cas.read_chunk_bytes = {} must be positive and fit in a gRPC message",
                 self.cas.read_chunk_bytes
+            )));
+        }
+        if !(16 << 10..16 << 20).contains(&self.grpc.max_frame_bytes) {
+            return Err(Error::Config(format!(
+                "grpc.max_frame_bytes = {} must be between 16384 and 16777215 (HTTP/2 limits)",
+                self.grpc.max_frame_bytes
             )));
         }
         if self.storage.evict_to_percent == 0 || self.storage.evict_to_percent > 100 {

@@ -221,6 +221,13 @@ impl Error {
     pub fn into_status(self) -> tonic::Status {
         let code = self.code();
         let message = self.to_string();
+        // Server faults are logged loudly; client mistakes and misses only
+        // at debug level, since clients probe (FindMissing, AC misses).
+        match code {
+            Code::Internal => tracing::error!(%message, "request failed"),
+            Code::ResourceExhausted => tracing::warn!(%message, "request failed"),
+            _ => tracing::debug!(code = ?code, %message, "request refused"),
+        }
         let details = self.details();
         if details.is_empty() {
             tonic::Status::new(code, message)

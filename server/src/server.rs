@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use kiln_proto::asset::fetch_server::FetchServer;
 use kiln_proto::asset::push_server::PushServer;
@@ -16,7 +17,7 @@ use tokio::task::JoinHandle;
 use tonic::codec::CompressionEncoding;
 use tonic::service::{Routes, RoutesBuilder};
 use tonic::transport::server::TcpIncoming;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::action_cache::ActionCacheService;
 use crate::asset::AssetService;
@@ -166,6 +167,7 @@ impl KilnServer {
         tonic::transport::Server::builder()
             .initial_stream_window_size(g.stream_window_bytes)
             .initial_connection_window_size(g.connection_window_bytes)
+            .max_frame_size(g.max_frame_bytes)
             .tcp_nodelay(true)
     }
 
@@ -180,11 +182,30 @@ impl KilnServer {
         let addr = listener.local_addr().ok();
         info!(addr = ?addr, instances = ?self.instances.names().collect::<Vec<_>>(), "serving");
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let served = self
+        let (stopping_tx, stopping_rx) = oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            let _ = stopping_tx.send(());
+        };
+        let serving = self
             .transport()
             .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await;
+            .serve_with_incoming_shutdown(incoming, signal);
+        tokio::pin!(serving);
+        let grace = Duration::from_secs(self.config.grpc.shutdown_grace_secs);
+        let served = tokio::select! {
+            r = &mut serving => r.map_err(Error::from),
+            _ = async {
+                if stopping_rx.await.is_ok() {
+                    tokio::time::sleep(grace).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            } => {
+                warn!(grace_secs = grace.as_secs(), "calls still in flight after the shutdown grace period; dropping them");
+                Ok(())
+            }
+        };
         let closed = self.storage.close().await;
         served?;
         closed

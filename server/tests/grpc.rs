@@ -37,11 +37,12 @@ struct Harness {
 }
 
 fn config(dir: &std::path::Path) -> ServerConfig {
-    let mut c = ServerConfig::default();
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    c.data_dir = Some(dir.to_path_buf());
-    c.instance_names = vec!["main".into(), "ci/linux".into()];
-    c
+    ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: Some(dir.to_path_buf()),
+        instance_names: vec!["main".into(), "ci/linux".into()],
+        ..Default::default()
+    }
 }
 
 async fn start_with(config: ServerConfig) -> (RunningServer, Channel) {
@@ -1187,14 +1188,19 @@ async fn remote_asset_push_and_fetch() {
         references_directories: vec![files_root.to_proto()],
         digest_function: 0,
     };
+    // The artifact itself must be there.
     let e = push.push_blob(push_req.clone()).await.unwrap_err();
-    assert_status(
-        &e,
-        Code::FailedPrecondition,
-        &[&ad.to_string(), &ld.to_string()],
-    );
+    assert_status(&e, Code::FailedPrecondition, &[&ad.to_string()]);
     upload(&h, &[artifact.clone(), log.clone()]).await;
-    push.push_blob(push_req.clone()).await.unwrap();
+    // A reference BuildStream could not upload (say, a buildtree it does
+    // not have) is accepted, and does not keep the artifact from being
+    // found.
+    let absent_buildtree = Digest::of(b"a buildtree nobody uploaded");
+    let mut with_absent = push_req.clone();
+    with_absent
+        .references_directories
+        .push(absent_buildtree.to_proto());
+    push.push_blob(with_absent).await.unwrap();
 
     let fetch_req = FetchBlobRequest {
         uris: vec!["urn:other".into(), uri.clone()],
@@ -1454,4 +1460,133 @@ async fn eviction_keeps_the_limit_and_spares_a_blob_being_read() {
     }
     assert_eq!(Digest::of(&got), bd);
     h.server.stop().await.unwrap();
+}
+
+/// A stand-in for a service another part of Kiln adds to the endpoint: it
+/// answers every Join with one Welcome.
+struct Welcomer;
+
+#[tonic::async_trait]
+impl kiln_proto::worker::workers_server::Workers for Welcomer {
+    type JoinStream = std::pin::Pin<
+        Box<
+            dyn futures::Stream<Item = Result<kiln_proto::worker::ServerMessage, tonic::Status>>
+                + Send,
+        >,
+    >;
+
+    async fn join(
+        &self,
+        _request: tonic::Request<tonic::Streaming<kiln_proto::worker::WorkerMessage>>,
+    ) -> Result<tonic::Response<Self::JoinStream>, tonic::Status> {
+        let welcome = kiln_proto::worker::ServerMessage {
+            kind: Some(kiln_proto::worker::server_message::Kind::Welcome(
+                kiln_proto::worker::Welcome {
+                    server_id: "test".into(),
+                    ..Default::default()
+                },
+            )),
+        };
+        Ok(tonic::Response::new(Box::pin(futures::stream::iter([Ok(
+            welcome,
+        )]))))
+    }
+}
+
+#[tokio::test]
+async fn other_services_share_the_endpoint() {
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        storage: kiln_server::config::StorageConfig {
+            backend: kiln_server::config::Backend::Memory,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let server = KilnServer::open(config).await.unwrap();
+    server.execution_capabilities().set_enabled(true);
+    let storage = server.storage().clone();
+    let mut routes = server.routes();
+    routes.add_service(
+        kiln_proto::worker::workers_server::WorkersServer::new(Welcomer)
+            .max_decoding_message_size(server.max_message_bytes()),
+    );
+    let running = server.start(routes.routes()).await.unwrap();
+    let channel = kiln_server::client::connect(&running.url()).await.unwrap();
+
+    let mut workers = kiln_proto::worker::workers_client::WorkersClient::new(channel.clone());
+    let mut stream = workers
+        .join(futures::stream::empty())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(matches!(
+        first.kind,
+        Some(kiln_proto::worker::server_message::Kind::Welcome(_))
+    ));
+
+    let caps = CapabilitiesClient::new(channel.clone())
+        .get_capabilities(GetCapabilitiesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(caps.execution_capabilities.unwrap().exec_enabled);
+
+    // The storage handle and the gRPC services see the same blobs.
+    let d = storage
+        .cas
+        .put(Bytes::from_static(b"put through the handle"))
+        .await
+        .unwrap();
+    let client = kiln_server::client::CasClient::with_channel(channel, "")
+        .await
+        .unwrap();
+    assert_eq!(
+        &client.read(d).await.unwrap()[..],
+        b"put through the handle"
+    );
+    running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_does_not_wait_forever_for_open_streams() {
+    let mut config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    };
+    config.storage.backend = kiln_server::config::Backend::Memory;
+    config.grpc.shutdown_grace_secs = 1;
+    let (server, channel) = start_with(config).await;
+    // An upload that never finishes keeps its stream open.
+    let blob = data(5, 1 << 20);
+    let d = Digest::of(&blob);
+    let name = upload_name(&d);
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tx.send(write_reqs(&name, &blob, 4096, 0).remove(0))
+        .await
+        .unwrap();
+    let mut bs = ByteStreamClient::new(channel.clone());
+    let _call = tokio::spawn(async move {
+        bs.write(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    loop {
+        let s = ByteStreamClient::new(channel.clone())
+            .query_write_status(QueryWriteStatusRequest {
+                resource_name: name.clone(),
+            })
+            .await;
+        if s.is_ok_and(|s| s.get_ref().committed_size == 4096) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), server.stop())
+        .await
+        .expect("shutdown finished")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    drop(tx);
 }

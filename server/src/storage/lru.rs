@@ -60,7 +60,10 @@ struct Shared {
 #[derive(Default)]
 struct State {
     entries: HashMap<Hash, Entry>,
-    /// Visible entries by last use; the first is the next victim.
+    /// Visible entries by the tick they were queued at. A use only bumps
+    /// the entry's `tick` (O(1), which keeps FindMissingBlobs cheap);
+    /// eviction re-queues entries whose tick moved on, so victims still go
+    /// in true least-recently-used order.
     order: BTreeMap<u64, Hash>,
     next_tick: u64,
     blobs: u64,
@@ -71,7 +74,10 @@ struct State {
 
 struct Entry {
     size: u64,
+    /// Last use.
     tick: u64,
+    /// Key of this entry in `order` (≤ `tick`).
+    queued: u64,
     pins: u32,
     /// False while the first commit of the blob is in flight.
     visible: bool,
@@ -91,12 +97,8 @@ impl State {
 
     fn touch(&mut self, hash: &Hash) {
         let tick = self.tick();
-        if let Some(e) = self.entries.get_mut(hash)
-            && e.visible
-        {
-            self.order.remove(&e.tick);
+        if let Some(e) = self.entries.get_mut(hash) {
             e.tick = tick;
-            self.order.insert(tick, *hash);
         }
     }
 
@@ -146,6 +148,7 @@ impl State {
                     Entry {
                         size: d.size(),
                         tick: 0,
+                        queued: 0,
                         pins: 1,
                         visible: false,
                     },
@@ -164,6 +167,7 @@ impl State {
         if ok && !e.visible {
             e.visible = true;
             e.tick = tick;
+            e.queued = tick;
             self.order.insert(tick, *d.hash());
             self.blobs += 1;
             self.bytes += e.size;
@@ -176,7 +180,7 @@ impl State {
     fn forget(&mut self, d: &Digest) -> bool {
         match self.entries.remove(d.hash()) {
             Some(e) if e.visible => {
-                self.order.remove(&e.tick);
+                self.order.remove(&e.queued);
                 self.blobs -= 1;
                 self.bytes -= e.size;
                 true
@@ -196,16 +200,33 @@ impl State {
         let mut victims = Vec::new();
         let mut freed = 0u64;
         let excess = self.bytes.saturating_sub(target);
-        for (_, hash) in self.order.iter() {
-            if freed >= excess || victims.len() >= max {
+        let mut after = 0u64;
+        while freed < excess && victims.len() < max {
+            let Some((&key, &hash)) = self
+                .order
+                .range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+                .next()
+            else {
                 break;
+            };
+            after = key;
+            let Some(e) = self.entries.get_mut(&hash) else {
+                self.order.remove(&key);
+                continue;
+            };
+            if e.tick > key {
+                // Used since it was queued: move it to its place and meet
+                // it again there.
+                self.order.remove(&key);
+                e.queued = e.tick;
+                self.order.insert(e.tick, hash);
+                continue;
             }
-            let e = &self.entries[hash];
             if e.pins > 0 {
                 continue;
             }
             freed += e.size;
-            victims.push(Digest::new(*hash, e.size));
+            victims.push(Digest::new(hash, e.size));
         }
         for v in &victims {
             self.forget(v);
@@ -260,6 +281,7 @@ impl<S: BlobStore> Lru<S> {
                 Entry {
                     size: d.size(),
                     tick,
+                    queued: tick,
                     pins: 0,
                     visible: true,
                 },
@@ -552,11 +574,12 @@ impl<S: BlobStore> BlobStore for Lru<S> {
         let st = self.shared.lock();
         // Ticks stand in for times: only the order matters.
         Ok(st
-            .order
+            .entries
             .iter()
-            .map(|(tick, h)| {
-                let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(*tick);
-                (Digest::new(*h, st.entries[h].size), t)
+            .filter(|(_, e)| e.visible)
+            .map(|(h, e)| {
+                let t = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(e.tick);
+                (Digest::new(*h, e.size), t)
             })
             .collect())
     }
@@ -643,6 +666,24 @@ mod tests {
         );
         assert_eq!(reader.read_to_end().await.unwrap(), a.data().clone());
         assert_eq!(lru.usage().removals, 2);
+    }
+
+    #[tokio::test]
+    async fn uses_reorder_victims() {
+        let lru = Lru::new(MemoryStore::new(), Some(400), 75).await.unwrap();
+        let b: Vec<VerifiedBlob> = (1..=4).map(|i| blob(i, 100)).collect();
+        for x in &b {
+            lru.put_many(vec![x.clone()]).await;
+        }
+        // Oldest first: b0, b1, b2, b3. Use b1 then b0: now b2, b3 are oldest.
+        lru.get_many(&[b[1].digest()]).await;
+        lru.find_missing(&[b[0].digest()]).await.unwrap();
+        lru.put_many(vec![blob(9, 100)]).await;
+        lru.evict_now().await;
+        let all: Vec<Digest> = b.iter().map(|x| x.digest()).collect();
+        let missing = lru.find_missing(&all).await.unwrap();
+        assert_eq!(missing, vec![b[2].digest(), b[3].digest(),]);
+        assert_eq!(lru.usage().bytes, 300);
     }
 
     #[tokio::test]

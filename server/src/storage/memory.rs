@@ -71,9 +71,9 @@ impl BlobStore for MemoryStore {
         Ok(digests
             .iter()
             .filter(|d| {
-                !blobs
+                blobs
                     .get(d.hash())
-                    .is_some_and(|b| b.len() as u64 == d.size())
+                    .is_none_or(|b| b.len() as u64 != d.size())
             })
             .copied()
             .collect())

@@ -237,7 +237,7 @@ impl Storage {
         let s = &config.storage;
         let limit = (s.max_size_bytes != 0).then_some(s.max_size_bytes);
         match s.backend {
-            Backend::Memory => Ok(Self::in_memory(limit).await),
+            Backend::Memory => Ok(Self::memory(limit, s.evict_to_percent).await),
             Backend::Disk => {
                 let root = config.data_dir();
                 let fsync = s.fsync;
@@ -276,7 +276,11 @@ impl Storage {
     /// Storage in memory (tests, throwaway servers), with an optional size
     /// limit in bytes.
     pub async fn in_memory(limit: Option<u64>) -> Self {
-        let lru = Lru::new(MemoryStore::new(), limit, 90)
+        Self::memory(limit, 90).await
+    }
+
+    async fn memory(limit: Option<u64>, evict_to_percent: u8) -> Self {
+        let lru = Lru::new(MemoryStore::new(), limit, evict_to_percent)
             .await
             .expect("indexing an empty memory store cannot fail");
         let cas = Cas::new(Arc::new(lru));

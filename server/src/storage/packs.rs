@@ -408,27 +408,34 @@ impl Inner {
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends whole records (`buf` holds them back to back, described by
-    /// `records` as (hash, size, offset in buf)); returns where each went.
-    fn append(&self, buf: &[u8], records: &[(Hash, u32, u64)]) -> Result<Vec<Loc>> {
+    /// Appends whole records: `parts` concatenated hold them back to back,
+    /// described by `records` as (hash, size, offset from the start of
+    /// `parts`). Parts are written in place, without first being gathered
+    /// into one buffer. Returns where each record went.
+    fn append(&self, parts: &[&[u8]], records: &[(Hash, u32, u64)]) -> Result<Vec<Loc>> {
+        let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
         let mut w = self.lock_writer();
-        if w.len > 0 && w.len + buf.len() as u64 > self.segment_bytes {
+        if w.len > 0 && w.len + total > self.segment_bytes {
             self.seal(&mut w)?;
         }
         let base = w.len;
         let path = pack_path(&self.dir, w.seq);
-        if let Err(e) = w.file.write_all_at(buf, base) {
-            // Nothing was indexed; cut the file back so the next append
-            // starts on a record boundary.
-            let _ = w.file.set_len(base);
-            return Err(Error::io("append to", path, e));
+        let mut at = base;
+        for part in parts {
+            if let Err(e) = w.file.write_all_at(part, at) {
+                // Nothing was indexed; cut the file back so the next append
+                // starts on a record boundary.
+                let _ = w.file.set_len(base);
+                return Err(Error::io("append to", path, e));
+            }
+            at += part.len() as u64;
         }
         if self.fsync {
             w.file
                 .sync_data()
                 .map_err(|e| Error::io("fsync", &path, e))?;
         }
-        w.len += buf.len() as u64;
+        w.len += total;
         let seq = w.seq;
         let locs: Vec<Loc> = records
             .iter()
@@ -445,7 +452,7 @@ impl Inner {
         // never sees a segment whose records are not yet counted.
         let mut st = self.lock_state();
         if let Some(seg) = st.segments.get_mut(&seq) {
-            seg.total += buf.len() as u64;
+            seg.total += total;
             seg.mtime = SystemTime::now();
         }
         Ok(locs)
@@ -537,18 +544,43 @@ impl Inner {
         if wanted.is_empty() {
             return Ok(());
         }
-        let total: usize = wanted.iter().map(|b| HEADER + b.data().len()).sum();
-        let mut buf = Vec::with_capacity(total);
+        // Headers and small blobs are gathered into one buffer (one write
+        // for a whole batch); large blobs are written from where they are.
+        const GATHER_MAX: usize = 64 << 10;
+        enum Piece<'a> {
+            Gathered(std::ops::Range<usize>),
+            Direct(&'a [u8]),
+        }
+        let mut gathered: Vec<u8> = Vec::new();
+        let mut pieces = Vec::new();
         let mut records = Vec::with_capacity(wanted.len());
+        let mut offset = 0u64;
+        let mut run_start = 0;
         for b in &wanted {
             let d = b.digest();
-            records.push((*d.hash(), d.size() as u32, buf.len() as u64));
-            buf.extend_from_slice(MAGIC);
-            buf.extend_from_slice(&(d.size() as u32).to_le_bytes());
-            buf.extend_from_slice(d.hash());
-            buf.extend_from_slice(b.data());
+            records.push((*d.hash(), d.size() as u32, offset));
+            offset += (HEADER + b.data().len()) as u64;
+            gathered.extend_from_slice(MAGIC);
+            gathered.extend_from_slice(&(d.size() as u32).to_le_bytes());
+            gathered.extend_from_slice(d.hash());
+            if b.data().len() <= GATHER_MAX {
+                gathered.extend_from_slice(b.data());
+            } else {
+                pieces.push(Piece::Gathered(run_start..gathered.len()));
+                pieces.push(Piece::Direct(&b.data()[..]));
+                run_start = gathered.len();
+            }
         }
-        let locs = self.append(&buf, &records)?;
+        pieces.push(Piece::Gathered(run_start..gathered.len()));
+        let parts: Vec<&[u8]> = pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Gathered(r) => &gathered[r.clone()],
+                Piece::Direct(d) => *d,
+            })
+            .filter(|p| !p.is_empty())
+            .collect();
+        let locs = self.append(&parts, &records)?;
         let mut st = self.lock_state();
         for ((hash, _, _), loc) in records.iter().zip(locs) {
             // A concurrent batch may have stored the same blob meanwhile;
@@ -659,7 +691,7 @@ impl Inner {
                         .map_err(|e| Error::io("read", &path, e))?;
                     records.push((*hash, loc.size, start as u64));
                 }
-                let new_locs = self.append(&buf, &records)?;
+                let new_locs = self.append(&[&buf[..]], &records)?;
                 let mut st = self.lock_state();
                 for ((hash, old), new) in chunk.iter().zip(new_locs) {
                     if st.index.get(hash) == Some(old) {
@@ -746,9 +778,9 @@ impl BlobStore for PackStore {
         Ok(digests
             .iter()
             .filter(|d| {
-                !st.index
+                st.index
                     .get(d.hash())
-                    .is_some_and(|l| l.size as u64 == d.size())
+                    .is_none_or(|l| l.size as u64 != d.size())
             })
             .copied()
             .collect())
@@ -770,7 +802,8 @@ impl BlobStore for PackStore {
         Ok(Box::new(PackSink {
             store: self.clone(),
             digest: *digest,
-            buf: BytesMut::with_capacity(digest.size() as usize),
+            chunks: Vec::new(),
+            len: 0,
         }))
     }
 
@@ -820,23 +853,26 @@ impl BlobStore for PackStore {
     }
 }
 
-/// Collects a small upload in memory, then appends it as one record.
+/// Collects an upload's chunks in memory (no copy), then appends them as
+/// one record.
 struct PackSink {
     store: PackStore,
     digest: Digest,
-    buf: BytesMut,
+    chunks: Vec<Bytes>,
+    len: u64,
 }
 
 #[async_trait]
 impl BlobSink for PackSink {
     async fn append(&mut self, chunk: Bytes) -> Result<()> {
-        if (self.buf.len() + chunk.len()) as u64 > self.digest.size() {
+        if self.len + chunk.len() as u64 > self.digest.size() {
             return Err(Error::SizeMismatch {
                 digest: self.digest,
                 detail: "more data than the declared size".into(),
             });
         }
-        self.buf.extend_from_slice(&chunk);
+        self.len += chunk.len() as u64;
+        self.chunks.push(chunk);
         Ok(())
     }
 
@@ -848,12 +884,20 @@ impl BlobSink for PackSink {
                 proof.digest()
             )));
         }
-        let blob = VerifiedBlob::from_upload(self.buf.freeze(), proof)?;
-        self.store
-            .put_many(vec![blob])
-            .await
-            .pop()
-            .unwrap_or(Ok(()))
+        let PackSink { store, chunks, .. } = *self;
+        let data = if chunks.len() == 1 {
+            chunks.into_iter().next().unwrap_or_default()
+        } else {
+            // One copy to make the record contiguous costs less than a
+            // write syscall per chunk.
+            let mut buf = BytesMut::with_capacity(proof.digest().size() as usize);
+            for c in &chunks {
+                buf.extend_from_slice(c);
+            }
+            buf.freeze()
+        };
+        let blob = VerifiedBlob::from_upload(data, proof)?;
+        store.put_many(vec![blob]).await.pop().unwrap_or(Ok(()))
     }
 }
 

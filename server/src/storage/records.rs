@@ -20,6 +20,10 @@ use super::disk::sync_dir;
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"KILNREC1";
+/// Records kept in memory after a read or write. Action-cache hits then
+/// skip a trip to the blocking pool; this process owns the directory (it
+/// holds its lock), so the copy cannot go stale.
+const CACHE_MAX: usize = 16_384;
 const HEADER: usize = MAGIC.len() + 32;
 
 /// A key-value store for records. Cloning shares it.
@@ -38,6 +42,32 @@ pub struct DiskRecords {
     tmp: PathBuf,
     fsync: bool,
     counter: AtomicU64,
+    cache: Mutex<HashMap<String, Bytes>>,
+}
+
+impl DiskRecords {
+    fn cached(&self, key: &str) -> Option<Bytes> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    fn remember(&self, key: &str, value: Option<Bytes>) {
+        let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        match value {
+            Some(v) => {
+                if c.len() >= CACHE_MAX {
+                    c.clear();
+                }
+                c.insert(key.to_string(), v);
+            }
+            None => {
+                c.remove(key);
+            }
+        }
+    }
 }
 
 impl RecordStore {
@@ -51,6 +81,7 @@ impl RecordStore {
             tmp: tmp.to_path_buf(),
             fsync,
             counter: AtomicU64::new(0),
+            cache: Mutex::default(),
         })))
     }
 
@@ -81,11 +112,20 @@ impl RecordStore {
                 .get(key)
                 .cloned()),
             RecordStore::Disk(d) => {
+                if let Some(v) = d.cached(key) {
+                    return Ok(Some(v));
+                }
                 let d = d.clone();
                 let key = key.to_string();
-                tokio::task::spawn_blocking(move || d.get(&key))
-                    .await
-                    .map_err(|e| Error::Task(e.to_string()))?
+                tokio::task::spawn_blocking(move || {
+                    let v = d.get(&key)?;
+                    if let Some(v) = &v {
+                        d.remember(&key, Some(v.clone()));
+                    }
+                    Ok(v)
+                })
+                .await
+                .map_err(|e| Error::Task(e.to_string()))?
             }
         }
     }
@@ -102,9 +142,13 @@ impl RecordStore {
             RecordStore::Disk(d) => {
                 let d = d.clone();
                 let key = key.to_string();
-                tokio::task::spawn_blocking(move || d.put(&key, &value))
-                    .await
-                    .map_err(|e| Error::Task(e.to_string()))?
+                tokio::task::spawn_blocking(move || {
+                    d.put(&key, &value)?;
+                    d.remember(&key, Some(value));
+                    Ok(())
+                })
+                .await
+                .map_err(|e| Error::Task(e.to_string()))?
             }
         }
     }
@@ -117,6 +161,7 @@ impl RecordStore {
                 Ok(())
             }
             RecordStore::Disk(d) => {
+                d.remember(key, None);
                 let path = d.root.join(key);
                 tokio::task::spawn_blocking(move || match fs::remove_file(&path) {
                     Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -203,6 +248,9 @@ mod tests {
         let mut raw = fs::read(&path).unwrap();
         *raw.last_mut().unwrap() ^= 1;
         fs::write(&path, raw).unwrap();
+        // As after a power loss: a new process reads the damaged file.
+        let store =
+            RecordStore::disk(&dir.path().join("rec"), &dir.path().join("tmp"), false).unwrap();
         assert_eq!(store.get(&key).await.unwrap(), None);
         assert!(!path.exists());
     }
