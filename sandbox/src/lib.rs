@@ -27,6 +27,33 @@
 //!   thread (SIGKILL to its PID 1 via a pidfd). Timeouts are enforced by the
 //!   helper the same way.
 //!
+//! # Backends
+//!
+//! [`LauncherConfig::backend`] picks one; [`Launcher`] implements
+//! [`Backend`] either way.
+//! - [`BackendKind::Userns`] (default): Kiln's own user-namespace chroot,
+//!   the fast path. Directory and overlay roots, any uid/gid, pooled network
+//!   namespaces with a privileged helper.
+//! - [`BackendKind::Oci`]: the request as an OCI runtime spec (oci-spec),
+//!   run in-process by youki's `libcontainer` in a child of the helper, with
+//!   Kiln's init as the container's PID 1 so outcomes and semantics are the
+//!   same. Directory roots and uid/gid 0 only; what the host could not apply
+//!   (no seccomp filter, no cgroup for an unprivileged helper on cgroup v1)
+//!   is listed in [`Outcome::warnings`].
+//!
+//! # Isolation
+//!
+//! New user, mount, PID, IPC, UTS, cgroup and network namespaces; the root
+//! bind-mounted (or overlay-mounted) `nosuid,nodev` and made `/` with
+//! `pivot_root`; `/dev` with null, zero, full, random, urandom, tty, shm and
+//! the fd links; fresh `/proc` with runc's masked and read-only paths;
+//! tmpfs `/tmp`; hostname `kiln`; exactly one uid and gid mapped (the
+//! requested ones inside, the helper's outside); `max_user_namespaces` 0
+//! inside, every capability set cleared, `no_new_privs`; the command runs as
+//! PID 2 under Kiln's init, which kills and reaps everything else when it
+//! ends. Paths from the staged root are always resolved inside it
+//! (`openat2(RESOLVE_IN_ROOT)`), before and after `pivot_root`.
+//!
 //! ```no_run
 //! use kiln_sandbox::*;
 //! let launcher = Launcher::new(LauncherConfig::current_exe())?;

@@ -1,0 +1,4 @@
+//! Subcommands of the `kiln` binary, one module each.
+
+pub mod bench;
+pub mod sandbox;
