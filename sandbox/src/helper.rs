@@ -100,6 +100,13 @@ impl Helper {
                 return Err(format!("setgroups([]): {}", Errno::last()));
             }
         }
+        // Sandboxed commands inherit dispositions through fork and execve:
+        // start them all from the defaults, but keep ignoring SIGPIPE here
+        // (a write to a dead sandbox's pipe must not kill the helper), which
+        // the command resets.
+        sys::reset_signals();
+        // SAFETY: ignoring a signal is always valid.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
         let pool = if pool_size > 0 {
             NetnsPool::new(pool_size)
         } else {
@@ -288,8 +295,8 @@ impl Helper {
                 None => flags |= libc::CLONE_NEWNET as u64,
             }
         }
+        let req_ids = (req.uid, req.gid);
         let fresh_netns = flags & libc::CLONE_NEWNET as u64 != 0;
-        let (sync_r, sync_w) = sys::pipe().map_err(|e| SetupError::new("pipe", e))?;
         if let (Some(ns), Some(pool)) = (&netns, &self.pool) {
             pool.enter(ns)
                 .map_err(|e| SetupError::new("join pooled network namespace", e))?;
@@ -310,51 +317,25 @@ impl Helper {
                 return Err(SetupError::new("clone3 into new namespaces", e));
             }
             Ok(Forked::Child) => {
-                drop(sync_w);
                 let action = sock.try_clone().unwrap_or_else(|_| sys::exit_now(3));
                 userns::init_main(userns::InitArgs {
                     req,
                     action,
                     stdout,
                     stderr,
-                    sync: sync_r,
+                    ids: IdMap {
+                        inside_uid: req_ids.0,
+                        inside_gid: req_ids.1,
+                        outside_uid: self.outside_uid,
+                        outside_gid: self.outside_gid,
+                    },
                     base: self.base.clone(),
                     fresh_netns,
-                    allow_setgroups: self.privileged,
                     last_cap: self.last_cap,
                 })
             }
             Ok(Forked::Parent { pid, pidfd }) => (pid, pidfd),
         };
-        drop(sync_r);
-        let map = IdMap {
-            inside_uid: req.uid,
-            inside_gid: req.gid,
-            outside_uid: self.outside_uid,
-            outside_gid: self.outside_gid,
-            allow_setgroups: self.privileged,
-        };
-        if let Err((file, e)) = map.write_for(pid) {
-            let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
-            let _ = sys::waitid_pidfd(pidfd.as_fd());
-            if let (Some(ns), Some(pool)) = (netns, self.pool.as_mut()) {
-                pool.give_back(ns);
-            }
-            return Err(SetupError::new(
-                format!(
-                    "write {file} ({} → {})",
-                    if file == "gid_map" {
-                        map.gid_map()
-                    } else {
-                        map.uid_map()
-                    }
-                    .trim(),
-                    "sandbox"
-                ),
-                e,
-            ));
-        }
-        let _ = sys::write_all(sync_w.as_fd(), b"1");
         Ok(Action {
             pidfd,
             pid,

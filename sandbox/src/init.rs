@@ -29,7 +29,6 @@ pub(crate) struct Exec {
     not_found_msg: Vec<u8>,
     stdout: OwnedFd,
     stderr: OwnedFd,
-    allow_setgroups: bool,
     last_cap: libc::c_ulong,
 }
 
@@ -41,7 +40,6 @@ impl Exec {
         env: &[(String, String)],
         stdout: OwnedFd,
         stderr: OwnedFd,
-        allow_setgroups: bool,
         last_cap: libc::c_ulong,
     ) -> Exec {
         let c = |s: &str| CString::new(s).expect("request was checked for NUL bytes");
@@ -74,7 +72,6 @@ impl Exec {
             envp_ptrs,
             stdout,
             stderr,
-            allow_setgroups,
             last_cap,
         }
     }
@@ -199,13 +196,15 @@ fn command_child(exec: &Exec, w: OwnedFd) -> ! {
     if let Err(e) = sys::cloexec_from(3) {
         report_error(&w, &SetupError::new("close_range", e));
     }
-    sys::reset_signals();
+    // The helper reset every disposition at its start but SIGPIPE, which
+    // the Rust runtime ignores; the command gets the default back.
+    sys::reset_signal_mask_and(libc::SIGPIPE);
     // SAFETY: plain syscalls.
     unsafe {
         libc::umask(0o022);
         libc::setpgid(0, 0);
     }
-    if let Err(e) = caps::drop_all(exec.allow_setgroups, exec.last_cap) {
+    if let Err(e) = caps::drop_all(exec.last_cap) {
         report_error(&w, &e);
     }
     let mut stamp = [0u8; 9];

@@ -27,6 +27,9 @@ pub struct SandboxBench {
     /// Unmeasured runs per variant first.
     #[arg(long, default_value_t = 10)]
     warmup: usize,
+    /// Only the variants whose name contains this (repeat).
+    #[arg(long)]
+    only: Vec<String>,
 }
 
 type RunOnce = Box<dyn FnMut() -> anyhow::Result<()>>;
@@ -60,11 +63,15 @@ fn status_ok(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Set-up times (request → execve) the Kiln variants report.
+type SetupLog = std::rc::Rc<std::cell::RefCell<Vec<Duration>>>;
+
 fn kiln_worker(
     root: &Path,
     backend: BackendKind,
     runtime: Option<&str>,
     pool: usize,
+    setups: SetupLog,
 ) -> anyhow::Result<RunOnce> {
     let mut cfg = LauncherConfig::current_exe();
     cfg.backend = backend;
@@ -74,11 +81,14 @@ fn kiln_worker(
     let root = root.to_path_buf();
     Ok(Box::new(move || {
         let req = SandboxRequest::new(Root::Dir(root.clone()), vec!["/bin/true".into()]);
-        let f = launcher.spawn(req)?.wait()?;
+        let f = launcher.start(req)?.wait()?;
         if !f.outcome.status.success() {
             bail!("{}", f.outcome.status);
         }
-        f.release();
+        setups.borrow_mut().push(f.outcome.setup);
+        // Dropped, not released: the mount namespace is torn down on a
+        // background thread, as the executor does.
+        drop(f);
         Ok(())
     }))
 }
@@ -171,14 +181,32 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         );
     }
     let r = root.display().to_string();
+    let mut setups: Vec<(String, SetupLog)> = Vec::new();
+    let mut log = |name: &str| {
+        let l = SetupLog::default();
+        setups.push((name.to_string(), l.clone()));
+        l
+    };
     let mut candidates: Vec<(String, anyhow::Result<RunOnce>)> = vec![
         (
             "kiln userns (worker)".into(),
-            kiln_worker(&root, BackendKind::Userns, None, 4),
+            kiln_worker(
+                &root,
+                BackendKind::Userns,
+                None,
+                4,
+                log("kiln userns (worker)"),
+            ),
         ),
         (
             "kiln userns (worker, fresh netns)".into(),
-            kiln_worker(&root, BackendKind::Userns, None, 0),
+            kiln_worker(
+                &root,
+                BackendKind::Userns,
+                None,
+                0,
+                log("kiln userns (worker, fresh netns)"),
+            ),
         ),
         ("kiln CLI".into(), {
             let r = r.clone();
@@ -195,13 +223,25 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         }),
         (
             "kiln oci (worker, libcontainer)".into(),
-            kiln_worker(&root, BackendKind::Oci, None, 4),
+            kiln_worker(
+                &root,
+                BackendKind::Oci,
+                None,
+                4,
+                log("kiln oci (worker, libcontainer)"),
+            ),
         ),
     ];
     if which("crun") {
         candidates.push((
             "kiln oci (worker, crun)".into(),
-            kiln_worker(&root, BackendKind::Oci, Some("crun"), 4),
+            kiln_worker(
+                &root,
+                BackendKind::Oci,
+                Some("crun"),
+                4,
+                log("kiln oci (worker, crun)"),
+            ),
         ));
     }
     candidates.push(("unshare + chroot".into(), {
@@ -255,6 +295,9 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 
     let mut variants = Vec::new();
     for (name, made) in candidates {
+        if !a.only.is_empty() && !a.only.iter().any(|o| name.contains(o.as_str())) {
+            continue;
+        }
         match made {
             Ok(mut run) => match run() {
                 Ok(()) => variants.push(Variant {
@@ -271,8 +314,12 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         "kiln bench sandbox: /bin/true in {r}; {} runs per variant after {} warm-up, interleaved",
         a.runs, a.warmup
     );
+    let n = variants.len();
     for round in 0..a.warmup + a.runs {
-        for v in &mut variants {
+        // Rotate who goes first: a variant right after crun/runc (whose
+        // clean-up is still running) must not always be the same one.
+        for i in 0..n {
+            let v = &mut variants[(i + round) % n];
             let t = Instant::now();
             (v.run)().with_context(|| format!("{} (round {round})", v.name))?;
             if round >= a.warmup {
@@ -295,6 +342,13 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             ms(pct(&v.samples, 0.9))
         );
         medians.push((v.name.clone(), m));
+    }
+    println!("set-up (request to execve) as the Kiln variants report it:");
+    for (name, l) in &setups {
+        let mut v = l.borrow().clone();
+        if !v.is_empty() {
+            println!("  {name:<34} median {:.3} ms", ms(median(&mut v)));
+        }
     }
     let get = |n: &str| medians.iter().find(|(k, _)| k == n).map(|(_, m)| *m);
     println!("ratios (same run):");

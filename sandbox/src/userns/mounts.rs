@@ -94,7 +94,9 @@ fn ordered_subtrees(subtrees: &[Subtree]) -> Vec<Subtree> {
         out.retain(|o| o.path != s.path);
         out.push(s);
     }
-    out.sort_by_key(|s| s.path.components().count());
+    out.sort_by(|a, b| {
+        (a.path.components().count(), &a.path).cmp(&(b.path.components().count(), &b.path))
+    });
     out
 }
 
@@ -542,8 +544,8 @@ mod tests {
         assert_eq!(
             binds,
             [
-                ("usr", true),
                 ("buildstream-install", false),
+                ("usr", true),
                 ("usr/lib", false)
             ]
         );
