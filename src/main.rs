@@ -50,7 +50,12 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging();
     match cli.command {
-        Command::Sandbox(c) => std::process::exit(cmd::sandbox::run(c)?),
+        // The command's own exit code, or 125 when Kiln itself failed (as
+        // docker and podman do), with the error on one line.
+        Command::Sandbox(c) => std::process::exit(cmd::sandbox::run(c).unwrap_or_else(|e| {
+            eprintln!("kiln: {e:#}");
+            125
+        })),
         Command::Bench(c) => cmd::bench::run(c),
     }
 }
