@@ -14,7 +14,9 @@
 //!   directory, or an overlay of read-only lowers and a writable upper), a
 //!   minimal `/dev`, a fresh `/proc` and a tmpfs `/tmp`, applies read-only
 //!   subtrees, `pivot_root`s, and answers `Ready`: `spawn` returns a
-//!   [`Running`]. The command runs as PID 2 with no capabilities,
+//!   [`Running`] ([`Launcher::start`] returns at once instead, and set-up
+//!   errors then come from `wait`: one wake-up fewer for a busy worker).
+//!   The command runs as PID 2 with no capabilities,
 //!   `no_new_privs`, exactly the given environment, stdin `/dev/null` and
 //!   stdout/stderr into the caller's files.
 //! - [`Running::wait`] blocks until the command exited and the init killed
@@ -25,7 +27,9 @@
 //!   [`Finished::release`] (or drop) lets it go: the kernel unmounts it all.
 //! - [`Running::kill`] / [`KillHandle`] kill the whole sandbox from any
 //!   thread (SIGKILL to its PID 1 via a pidfd). Timeouts are enforced by the
-//!   helper the same way.
+//!   helper the same way. Both outcomes still allow collection.
+//! - Dropping a [`Finished`] releases the namespace on a background thread;
+//!   [`Finished::release`] waits until everything is unmounted.
 //!
 //! # Backends
 //!
@@ -60,7 +64,7 @@
 //! let mut req = SandboxRequest::new(Root::Dir("/srv/root".into()), vec!["/bin/sh".into(), "-c".into(), "echo hi > out".into()]);
 //! req.env = vec![("PATH".into(), "/bin".into())];
 //! req.stdout = Stdio::File("/tmp/stdout".into());
-//! let finished = launcher.spawn(req)?.wait()?;
+//! let finished = launcher.start(req)?.wait()?;
 //! assert!(finished.outcome.status.success());
 //! let out = std::io::read_to_string(finished.root().open("out".as_ref())?)?;
 //! finished.release();

@@ -12,7 +12,7 @@ use kiln_sandbox::{BackendKind, Launcher, LauncherConfig, Root, SandboxRequest, 
 #[derive(Subcommand)]
 pub enum SandboxCommand {
     /// Run CMD with DIR as its filesystem root.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
