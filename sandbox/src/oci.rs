@@ -919,7 +919,7 @@ impl Executor for KilnInit {
         // libcontainer set no_new_privs and left us only NET_ADMIN and
         // SETPCAP; the command gives those up too before its execve.
         let exec = Exec::new(&argv, &env, out, err, self.last_cap);
-        match init::run_as_init(&exec) {
+        match init::run_as_init(&exec, None) {
             Ok((outcome, exec_ns)) => report(
                 &Reply::Finished {
                     outcome,

@@ -92,8 +92,9 @@ pub(crate) fn init_main(a: InitArgs) -> ! {
     );
     drop(ready);
 
-    let exec = Exec::new(&a.req.argv, &a.req.env, a.stdout, a.stderr, a.last_cap);
-    match init::run_as_init(&exec) {
+    let exec = Exec::new(&a.req.argv, &a.req.env, a.stdout, a.stderr, a.last_cap)
+        .with_cwd(&PathBuf::from("/").join(&a.req.cwd));
+    match init::run_as_init(&exec, Some(mounts::detach_old_root)) {
         Ok((outcome, exec_ns)) => report(
             &Reply::Finished {
                 outcome,
@@ -128,13 +129,6 @@ fn set_up(req: &WireRequest, base: CString, fresh_netns: bool) -> Result<Ready, 
     if fresh_netns {
         sys::loopback_up().map_err(|e| SetupError::new("bring up lo", e))?;
     }
-    let cwd = sys::cpath(&PathBuf::from("/").join(&req.cwd));
-    sys::chdir(&cwd).map_err(|e| {
-        SetupError::new(
-            format!("chdir to working directory /{}", req.cwd.display()),
-            e,
-        )
-    })?;
     // A session of our own: no controlling terminal, so /dev/tty leads nowhere.
     // SAFETY: plain syscall.
     unsafe { libc::setsid() };
