@@ -450,7 +450,23 @@ fn concurrent_sandboxes(mode: Mode, backend: BackendKind) {
     }
 }
 
+/// A request larger than one datagram (here 240 KB of environment) travels
+/// to the helper in a memfd.
+fn large_request(mode: Mode, backend: BackendKind) {
+    let fx = need_fixture!();
+    let l = launcher(mode, backend);
+    let s = Scratch::new(&fx, mode);
+    let r = run_sh_with(&l, &s, "echo ${#V0} ${#V11}; env | wc -l", |q| {
+        for i in 0..12 {
+            q.env.push((format!("V{i}"), "x".repeat(20_000)));
+        }
+    });
+    assert!(r.outcome.status.success(), "{}", r.stderr);
+    assert_eq!(r.stdout, "20000 20000\n15\n", "{}", r.stderr);
+}
+
 matrix!(
+    large_request,
     exit_codes_and_signals,
     stdout_stderr_separate,
     large_output_streams,
