@@ -64,7 +64,8 @@ impl LauncherConfig {
 
 struct HelperProc {
     child: Child,
-    ctl: Arc<OwnedFd>,
+    /// `None` only while the launcher is being dropped.
+    ctl: Option<Arc<OwnedFd>>,
 }
 
 /// Starts sandboxes through one long-lived, single-threaded helper process.
@@ -102,7 +103,7 @@ fn start_helper(cfg: &LauncherConfig) -> Result<HelperProc> {
     tracing::debug!(pid = child.id(), program = %cfg.program.display(), "sandbox helper started");
     Ok(HelperProc {
         child,
-        ctl: Arc::new(ours),
+        ctl: Some(Arc::new(ours)),
     })
 }
 
@@ -162,7 +163,9 @@ impl Launcher {
             let _ = h.child.wait();
             *h = start_helper(&self.cfg)?;
         }
-        Ok(h.ctl.clone())
+        h.ctl
+            .clone()
+            .ok_or_else(|| SandboxError::Helper("the launcher is shutting down".into()))
     }
 
     /// Starts one sandbox and returns once its command is about to run
@@ -225,8 +228,18 @@ impl Launcher {
 }
 
 impl Drop for Launcher {
+    /// Closes the helper's control socket: it kills the sandboxes still
+    /// running, lets OCI monitors clean up (their containers' state and
+    /// cgroups), and exits. Waits up to 6 s for that, then kills it.
     fn drop(&mut self) {
         let h = self.helper.get_mut().unwrap_or_else(|p| p.into_inner());
+        h.ctl = None;
+        for _ in 0..1200 {
+            if !matches!(h.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let _ = h.child.kill();
         let _ = h.child.wait();
     }

@@ -504,8 +504,14 @@ fn monitor(
     };
     let spec = spec_for(&req, &sctx).unwrap_or_else(|m| fail(SetupError { step: m, errno: 0 }));
     let bundle = states.join("bundles").join(&id);
+    // Whatever libcontainer managed to delete, nothing of this sandbox may
+    // stay behind: its bundle, its state directory, its (empty) cgroups.
     let cleanup_bundle = || {
         let _ = std::fs::remove_dir_all(&bundle);
+        let _ = std::fs::remove_dir_all(states.join(&id));
+        if ctx.privileged {
+            remove_cgroups(&sctx.cgroups_path);
+        }
     };
     if let Err(err) = std::fs::create_dir_all(&bundle)
         .map_err(|e| e.to_string())
@@ -580,7 +586,7 @@ fn monitor(
     };
     let pidfd = sys::pidfd_open(pid.as_raw())
         .unwrap_or_else(|e| fail(SetupError::new("pidfd_open(container init)", e)));
-    let timed_out = wait_with_deadline(pidfd.as_fd(), req.timeout.map(|t| started + t));
+    let timed_out = wait_with_deadline(pidfd.as_fd(), sock, req.timeout.map(|t| started + t));
     let reaped = sys::waitid_pidfd(pidfd.as_fd());
     let _ = container.delete(true);
     cleanup_bundle();
@@ -758,7 +764,7 @@ fn run_external(
     if !matches!(run(&["start".as_ref(), id.as_ref()], None, None), Ok(st) if st.success()) {
         let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
     }
-    let timed_out = wait_with_deadline(pidfd.as_fd(), req.timeout.map(|t| started + t));
+    let timed_out = wait_with_deadline(pidfd.as_fd(), sock, req.timeout.map(|t| started + t));
     let reaped = sys::wait4(pid);
     let wall = started.elapsed();
     delete();
@@ -802,22 +808,65 @@ fn run_external(
     sys::exit_now(0)
 }
 
+/// Removes the sandbox's leaf cgroup in every v1 hierarchy (and a v2 one),
+/// retrying briefly while the kernel finishes releasing its last tasks.
+fn remove_cgroups(path: &Path) {
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    let Ok(dirs) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    let mut leaves: Vec<PathBuf> = dirs
+        .flatten()
+        .map(|d| d.path().join(rel))
+        .chain(std::iter::once(Path::new("/sys/fs/cgroup").join(rel)))
+        .filter(|p| p.is_dir())
+        .collect();
+    for _ in 0..20 {
+        leaves.retain(|p| std::fs::remove_dir(p).is_err() && p.is_dir());
+        if leaves.is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    tracing::warn!("could not remove cgroups {leaves:?}");
+}
+
 /// Waits for the process behind `pidfd` to exit; kills it at `deadline`.
 /// Returns whether it had to.
-fn wait_with_deadline(pidfd: BorrowedFd<'_>, deadline: Option<Instant>) -> bool {
+///
+/// The launcher closing its end of `sock` (it dropped the sandbox, or went
+/// away) kills the container too, so this monitor can still clean up.
+fn wait_with_deadline(
+    pidfd: BorrowedFd<'_>,
+    sock: BorrowedFd<'_>,
+    deadline: Option<Instant>,
+) -> bool {
+    let mut watch_sock = true;
     loop {
         let ms = match deadline {
             None => -1,
             Some(d) => (d.saturating_duration_since(Instant::now()).as_millis() + 1)
                 .min(i32::MAX as u128) as i32,
         };
-        let mut p = [libc::pollfd {
-            fd: pidfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
+        let mut p = [
+            libc::pollfd {
+                fd: pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                // Only hang-ups matter: poll reports them whatever the events.
+                fd: if watch_sock { sock.as_raw_fd() } else { -1 },
+                events: 0,
+                revents: 0,
+            },
+        ];
         match sys::poll_readable(&mut p, ms) {
-            Ok(n) if n > 0 => return false,
+            Ok(_) if p[0].revents != 0 => return false,
+            Ok(_) if p[1].revents != 0 => {
+                watch_sock = false;
+                let _ = sys::pidfd_send_signal(pidfd, libc::SIGKILL);
+            }
             Ok(_) if deadline.is_some_and(|d| Instant::now() >= d) => {
                 let _ = sys::pidfd_send_signal(pidfd, libc::SIGKILL);
                 let mut p = [libc::pollfd {

@@ -465,7 +465,32 @@ fn large_request(mode: Mode, backend: BackendKind) {
     assert_eq!(r.stdout, "20000 20000\n15\n", "{}", r.stderr);
 }
 
+/// Dropping a running sandbox (without waiting) kills all of it.
+fn dropping_kills(mode: Mode, backend: BackendKind) {
+    let fx = need_fixture!();
+    let l = launcher(mode, backend);
+    let s = Scratch::new(&fx, mode);
+    let marker = format!("kiln-dropped-{}-{mode:?}-{backend:?}", std::process::id());
+    let script = format!("setsid sh -c 'sleep 1000; : {marker}' & sleep 1000; : {marker}");
+    let q = sh_request(Root::Dir(s.root()), &script, &s.path("o"), &s.path("e"));
+    let running = l.spawn(q).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!processes_with(&marker).is_empty());
+    drop(running);
+    for _ in 0..300 {
+        if processes_with(&marker).is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!(
+        "processes survived their dropped sandbox: {:?}",
+        processes_with(&marker)
+    );
+}
+
 matrix!(
+    dropping_kills,
     large_request,
     exit_codes_and_signals,
     stdout_stderr_separate,
