@@ -548,3 +548,20 @@ impl Backend for Launcher {
         Launcher::start(self, req)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn handles_cross_threads() {
+        // The executor shares one Launcher between its tasks and kills or
+        // waits on sandboxes from other threads.
+        send_sync::<Launcher>();
+        send_sync::<Running>();
+        send_sync::<Finished>();
+        send_sync::<KillHandle>();
+    }
+}
