@@ -234,11 +234,16 @@ impl Drop for Launcher {
     fn drop(&mut self) {
         let h = self.helper.get_mut().unwrap_or_else(|p| p.into_inner());
         h.ctl = None;
-        for _ in 0..1200 {
-            if !matches!(h.child.try_wait(), Ok(None)) {
+        if let Ok(pidfd) = sys::pidfd_open(h.child.id() as libc::pid_t) {
+            let mut p = [libc::pollfd {
+                fd: pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            if sys::poll_readable(&mut p, 6000) == Ok(1) {
+                let _ = h.child.wait();
                 return;
             }
-            std::thread::sleep(Duration::from_millis(5));
         }
         let _ = h.child.kill();
         let _ = h.child.wait();
