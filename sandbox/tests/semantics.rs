@@ -474,7 +474,12 @@ fn dropping_kills(mode: Mode, backend: BackendKind) {
     let script = format!("setsid sh -c 'sleep 1000; : {marker}' & sleep 1000; : {marker}");
     let q = sh_request(Root::Dir(s.root()), &script, &s.path("o"), &s.path("e"));
     let running = l.spawn(q).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..250 {
+        if processes_with(&marker).len() >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(!processes_with(&marker).is_empty());
     drop(running);
     for _ in 0..300 {
