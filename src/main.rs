@@ -22,6 +22,9 @@ enum Command {
     Serve(cmd::serve::ServeArgs),
     /// Run a worker that joins a server and executes its actions.
     Worker(cmd::worker::WorkerArgs),
+    /// Run a command in a hermetic sandbox, the way a worker would.
+    #[command(subcommand)]
+    Sandbox(cmd::sandbox::SandboxCommand),
     /// Talk to a server's CAS: upload a directory, download a tree, cat a blob.
     Cas(cmd::cas::CasArgs),
     /// Benchmarks, each printed against baselines measured in the same run.
@@ -37,6 +40,8 @@ enum BenchCommand {
     Cas(cmd::bench_cas::BenchCasArgs),
     /// Trivial-action throughput and latency, and input staging cost.
     Exec(cmd::bench_exec::BenchExecArgs),
+    /// Median cost of one sandboxed `/bin/true`, Kiln against unshare, bwrap, crun, runc.
+    Sandbox(cmd::bench_sandbox::SandboxBench),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,6 +49,7 @@ fn main() -> anyhow::Result<()> {
     // anything else (no runtime, no threads).
     if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(kiln_sandbox::HELPER_ARG))
     {
+        cmd::init_logging_at("info");
         kiln_sandbox::helper_main();
     }
     let cli = Cli::parse();
@@ -51,9 +57,22 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => cmd::serve::run(args),
         Command::Worker(args) => cmd::worker::run(args),
         Command::Cas(args) => cmd::cas::run(args),
+        // The command's own exit code, or 125 when Kiln itself failed (as
+        // docker and podman do), with the error on one line.
+        Command::Sandbox(c) => {
+            cmd::init_logging_at("warn");
+            std::process::exit(cmd::sandbox::run(c).unwrap_or_else(|e| {
+                eprintln!("kiln: {e:#}");
+                125
+            }))
+        }
         Command::Bench { what } => match what {
             BenchCommand::Cas(args) => cmd::bench_cas::run(args),
             BenchCommand::Exec(args) => cmd::bench_exec::run(args),
+            BenchCommand::Sandbox(args) => {
+                cmd::init_logging_at("warn");
+                cmd::bench_sandbox::run(args)
+            }
         },
     }
 }

@@ -47,6 +47,10 @@ pub(crate) struct Action {
     deadline: Option<Instant>,
     netns: Option<OwnedFd>,
     timed_out: bool,
+    /// An OCI monitor rather than a sandbox's init.
+    monitor: bool,
+    /// The launcher hung up: the sandbox was killed.
+    dropped: bool,
 }
 
 struct Helper {
@@ -100,6 +104,13 @@ impl Helper {
                 return Err(format!("setgroups([]): {}", Errno::last()));
             }
         }
+        // Sandboxed commands inherit dispositions through fork and execve:
+        // start them all from the defaults, but keep ignoring SIGPIPE here
+        // (a write to a dead sandbox's pipe must not kill the helper), which
+        // the command resets.
+        sys::reset_signals();
+        // SAFETY: ignoring a signal is always valid.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
         let pool = if pool_size > 0 {
             NetnsPool::new(pool_size)
         } else {
@@ -142,6 +153,7 @@ impl Helper {
             if refill {
                 timeout_ms = 0;
             }
+            let n_actions = self.actions.len();
             let mut pfds: Vec<libc::pollfd> = std::iter::once(self.ctl.as_raw_fd())
                 .chain(self.actions.iter().map(|a| a.pidfd.as_raw_fd()))
                 .map(|fd| libc::pollfd {
@@ -149,6 +161,17 @@ impl Helper {
                     events: libc::POLLIN,
                     revents: 0,
                 })
+                // The launcher's end of each sandbox's socket: a hang-up
+                // means it dropped the sandbox, which must not outlive that.
+                .chain(self.actions.iter().map(|a| libc::pollfd {
+                    fd: if a.dropped || a.monitor {
+                        -1
+                    } else {
+                        a.sock.as_raw_fd()
+                    },
+                    events: 0,
+                    revents: 0,
+                }))
                 .collect();
             let n = sys::poll_readable(&mut pfds, timeout_ms).map_err(|e| format!("poll: {e}"))?;
             if n == 0 && refill {
@@ -157,8 +180,14 @@ impl Helper {
                 }
                 continue;
             }
+            for p in pfds[1 + n_actions..].iter().filter(|p| p.revents != 0) {
+                if let Some(a) = self.actions.iter_mut().find(|a| a.sock.as_raw_fd() == p.fd) {
+                    a.dropped = true;
+                    let _ = sys::pidfd_send_signal(a.pidfd.as_fd(), libc::SIGKILL);
+                }
+            }
             // Exits first: an init that ended on time must not be reported as timed out.
-            let exited: Vec<RawFd> = pfds[1..]
+            let exited: Vec<RawFd> = pfds[1..1 + n_actions]
                 .iter()
                 .filter(|p| p.revents != 0)
                 .map(|p| p.fd)
@@ -188,10 +217,42 @@ impl Helper {
                 }
             }
         }
-        // The launcher is gone. Sandboxes still running die with us
-        // (PDEATHSIG); finished ones live on in the fds the launcher held.
-        for a in &self.actions {
+        // The launcher is gone. Sandboxes still running are killed
+        // (finished ones live on in the fds the launcher held). OCI monitors
+        // are not: they see their launcher's end close, kill their
+        // container and clean up its state and cgroups, which takes a moment.
+        for a in self.actions.iter().filter(|a| !a.monitor) {
             let _ = sys::pidfd_send_signal(a.pidfd.as_fd(), libc::SIGKILL);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.actions.is_empty() {
+            let mut pfds: Vec<libc::pollfd> = self
+                .actions
+                .iter()
+                .map(|a| libc::pollfd {
+                    fd: a.pidfd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                for a in &self.actions {
+                    let _ = sys::pidfd_send_signal(a.pidfd.as_fd(), libc::SIGKILL);
+                }
+                break;
+            }
+            let _ = sys::poll_readable(&mut pfds, left.as_millis() as i32 + 1);
+            for p in pfds.iter().filter(|p| p.revents != 0) {
+                if let Some(i) = self
+                    .actions
+                    .iter()
+                    .position(|a| a.pidfd.as_raw_fd() == p.fd)
+                {
+                    let a = self.actions.swap_remove(i);
+                    let _ = sys::waitid_pidfd(a.pidfd.as_fd());
+                }
+            }
         }
         Ok(())
     }
@@ -288,8 +349,8 @@ impl Helper {
                 None => flags |= libc::CLONE_NEWNET as u64,
             }
         }
+        let req_ids = (req.uid, req.gid);
         let fresh_netns = flags & libc::CLONE_NEWNET as u64 != 0;
-        let (sync_r, sync_w) = sys::pipe().map_err(|e| SetupError::new("pipe", e))?;
         if let (Some(ns), Some(pool)) = (&netns, &self.pool) {
             pool.enter(ns)
                 .map_err(|e| SetupError::new("join pooled network namespace", e))?;
@@ -310,51 +371,25 @@ impl Helper {
                 return Err(SetupError::new("clone3 into new namespaces", e));
             }
             Ok(Forked::Child) => {
-                drop(sync_w);
                 let action = sock.try_clone().unwrap_or_else(|_| sys::exit_now(3));
                 userns::init_main(userns::InitArgs {
                     req,
                     action,
                     stdout,
                     stderr,
-                    sync: sync_r,
+                    ids: IdMap {
+                        inside_uid: req_ids.0,
+                        inside_gid: req_ids.1,
+                        outside_uid: self.outside_uid,
+                        outside_gid: self.outside_gid,
+                    },
                     base: self.base.clone(),
                     fresh_netns,
-                    allow_setgroups: self.privileged,
                     last_cap: self.last_cap,
                 })
             }
             Ok(Forked::Parent { pid, pidfd }) => (pid, pidfd),
         };
-        drop(sync_r);
-        let map = IdMap {
-            inside_uid: req.uid,
-            inside_gid: req.gid,
-            outside_uid: self.outside_uid,
-            outside_gid: self.outside_gid,
-            allow_setgroups: self.privileged,
-        };
-        if let Err((file, e)) = map.write_for(pid) {
-            let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
-            let _ = sys::waitid_pidfd(pidfd.as_fd());
-            if let (Some(ns), Some(pool)) = (netns, self.pool.as_mut()) {
-                pool.give_back(ns);
-            }
-            return Err(SetupError::new(
-                format!(
-                    "write {file} ({} → {})",
-                    if file == "gid_map" {
-                        map.gid_map()
-                    } else {
-                        map.uid_map()
-                    }
-                    .trim(),
-                    "sandbox"
-                ),
-                e,
-            ));
-        }
-        let _ = sys::write_all(sync_w.as_fd(), b"1");
         Ok(Action {
             pidfd,
             pid,
@@ -364,6 +399,8 @@ impl Helper {
             deadline: req.timeout.map(|t| Instant::now() + t),
             netns,
             timed_out: false,
+            monitor: false,
+            dropped: false,
         })
     }
 }
@@ -401,5 +438,7 @@ pub(crate) fn oci_action(
         deadline: timeout.map(|t| Instant::now() + t),
         netns: None,
         timed_out: false,
+        monitor: true,
+        dropped: false,
     })
 }

@@ -29,8 +29,9 @@ pub(crate) struct Exec {
     not_found_msg: Vec<u8>,
     stdout: OwnedFd,
     stderr: OwnedFd,
-    allow_setgroups: bool,
     last_cap: libc::c_ulong,
+    /// Working directory to enter just before `execve` (None: inherited).
+    cwd: Option<CString>,
 }
 
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
@@ -41,7 +42,6 @@ impl Exec {
         env: &[(String, String)],
         stdout: OwnedFd,
         stderr: OwnedFd,
-        allow_setgroups: bool,
         last_cap: libc::c_ulong,
     ) -> Exec {
         let c = |s: &str| CString::new(s).expect("request was checked for NUL bytes");
@@ -74,9 +74,14 @@ impl Exec {
             envp_ptrs,
             stdout,
             stderr,
-            allow_setgroups,
             last_cap,
+            cwd: None,
         }
+    }
+
+    pub fn with_cwd(mut self, cwd: &std::path::Path) -> Exec {
+        self.cwd = Some(sys::cpath(cwd));
+        self
     }
 }
 
@@ -87,8 +92,19 @@ const TAG_ERROR: u8 = b'E';
 /// Runs `exec` as PID 2 and supervises it; returns the outcome, the
 /// CLOCK_MONOTONIC of its `execve` (0 if it never got there), or the set-up
 /// error that kept it from running.
-pub(crate) fn run_as_init(exec: &Exec) -> Result<(Outcome, u64), SetupError> {
+///
+/// `before_exec` is the init's last set-up step (detaching the host's
+/// tree): it runs while the command's process prepares, which waits for it
+/// before `execve`.
+pub(crate) fn run_as_init(
+    exec: &Exec,
+    before_exec: Option<fn() -> Result<(), SetupError>>,
+) -> Result<(Outcome, u64), SetupError> {
     let (r, w) = sys::pipe().map_err(|e| SetupError::new("pipe", e))?;
+    let gate = match before_exec {
+        Some(_) => Some(sys::pipe().map_err(|e| SetupError::new("pipe", e))?),
+        None => None,
+    };
     // SAFETY: the sandbox's init is single-threaded.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -96,9 +112,23 @@ pub(crate) fn run_as_init(exec: &Exec) -> Result<(Outcome, u64), SetupError> {
     }
     if pid == 0 {
         drop(r);
-        command_child(exec, w);
+        let go = gate.map(|(gr, gw)| {
+            drop(gw);
+            gr
+        });
+        command_child(exec, w, go);
     }
     drop(w);
+    if let (Some(step), Some((gr, gw))) = (before_exec, gate) {
+        drop(gr);
+        if let Err(e) = step() {
+            // SAFETY: our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = sys::wait4(pid);
+            return Err(e);
+        }
+        let _ = sys::write_all(gw.as_fd(), b"1");
+    }
     let (status, ru) = sys::wait4(pid).map_err(|e| SetupError::new("wait4", e))?;
     let end = sys::monotonic_ns();
     kill_the_rest();
@@ -169,7 +199,7 @@ fn place_fd(fd: RawFd, target: RawFd) -> Result<(), Errno> {
     Ok(())
 }
 
-fn command_child(exec: &Exec, w: OwnedFd) -> ! {
+fn command_child(exec: &Exec, w: OwnedFd, go: Option<OwnedFd>) -> ! {
     // Lift stdout/stderr (and the status pipe) clear of 0..2 before dup2,
     // whatever numbers they arrived with.
     let high = |fd: RawFd| {
@@ -199,14 +229,34 @@ fn command_child(exec: &Exec, w: OwnedFd) -> ! {
     if let Err(e) = sys::cloexec_from(3) {
         report_error(&w, &SetupError::new("close_range", e));
     }
-    sys::reset_signals();
+    // The helper reset every disposition at its start but SIGPIPE, which
+    // the Rust runtime ignores; the command gets the default back.
+    sys::reset_signal_mask_and(libc::SIGPIPE);
     // SAFETY: plain syscalls.
     unsafe {
         libc::umask(0o022);
         libc::setpgid(0, 0);
     }
-    if let Err(e) = caps::drop_all(exec.allow_setgroups, exec.last_cap) {
+    if let Err(e) = caps::drop_all(exec.last_cap) {
         report_error(&w, &e);
+    }
+    if let Some(go) = go {
+        let mut b = [0u8; 1];
+        if sys::read(go.as_fd(), &mut b) != Ok(1) {
+            // The init's last step failed; it reports that.
+            sys::exit_now(125);
+        }
+    }
+    if let Some(cwd) = &exec.cwd
+        && let Err(e) = sys::chdir(cwd)
+    {
+        report_error(
+            &w,
+            &SetupError::new(
+                format!("chdir to working directory {}", cwd.to_string_lossy()),
+                e,
+            ),
+        );
     }
     let mut stamp = [0u8; 9];
     stamp[0] = TAG_EXEC;

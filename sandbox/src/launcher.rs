@@ -7,7 +7,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -64,7 +64,8 @@ impl LauncherConfig {
 
 struct HelperProc {
     child: Child,
-    ctl: Arc<OwnedFd>,
+    /// `None` only while the launcher is being dropped.
+    ctl: Option<Arc<OwnedFd>>,
 }
 
 /// Starts sandboxes through one long-lived, single-threaded helper process.
@@ -102,7 +103,7 @@ fn start_helper(cfg: &LauncherConfig) -> Result<HelperProc> {
     tracing::debug!(pid = child.id(), program = %cfg.program.display(), "sandbox helper started");
     Ok(HelperProc {
         child,
-        ctl: Arc::new(ours),
+        ctl: Some(Arc::new(ours)),
     })
 }
 
@@ -162,13 +163,25 @@ impl Launcher {
             let _ = h.child.wait();
             *h = start_helper(&self.cfg)?;
         }
-        Ok(h.ctl.clone())
+        h.ctl
+            .clone()
+            .ok_or_else(|| SandboxError::Helper("the launcher is shutting down".into()))
     }
 
     /// Starts one sandbox and returns once its command is about to run
     /// (namespaces, mounts and `pivot_root` done). Set-up failures (a mount
     /// that failed, with errno) are returned here; nothing is left behind.
-    pub fn spawn(&self, mut req: SandboxRequest) -> Result<Running> {
+    pub fn spawn(&self, req: SandboxRequest) -> Result<Running> {
+        let mut r = self.start(req)?;
+        r.ready()?;
+        Ok(r)
+    }
+
+    /// Like [`spawn`](Self::spawn) but returns as soon as the helper has the
+    /// request, without waiting for the sandbox to be set up: the caller's
+    /// thread sleeps once (in [`Running::wait`]) instead of twice. Set-up
+    /// failures then come from `wait`. What a busy worker should use.
+    pub fn start(&self, mut req: SandboxRequest) -> Result<Running> {
         req.validate()?;
         let t0 = sys::monotonic_ns();
         let stdout = open_stdio(std::mem::replace(&mut req.stdout, Stdio::Null), "stdout")?;
@@ -205,86 +218,159 @@ impl Launcher {
             }
         }
         drop((theirs, stdout, stderr));
-
-        match protocol::recv::<Reply>(mine.as_fd(), 3) {
-            Ok(Received::Msg(
-                Reply::Ready {
-                    kiln_mounts,
-                    warnings,
-                },
-                fds,
-            )) => {
-                let [pidfd, root, mntns]: [OwnedFd; 3] = fds.try_into().map_err(|v: Vec<_>| {
-                    SandboxError::Helper(format!("ready message with {} fds instead of 3", v.len()))
-                })?;
-                Ok(Running {
-                    sock: mine,
-                    pidfd: Arc::new(pidfd),
-                    root,
-                    mntns,
-                    kiln_mounts,
-                    warnings,
-                    cancelled: Arc::new(AtomicBool::new(false)),
-                    t0,
-                })
-            }
-            Ok(Received::Msg(Reply::Error(e), _)) => Err(SandboxError::Setup(e)),
-            Ok(Received::Msg(Reply::Finished { .. }, _)) => Err(SandboxError::Helper(
-                "the sandbox ended (timeout?) before its set-up completed".into(),
-            )),
-            Ok(Received::Eof) => Err(SandboxError::Helper(
-                "the helper closed the sandbox's channel during set-up (did it die?)".into(),
-            )),
-            Err(e) => Err(SandboxError::Helper(format!(
-                "reading the set-up reply: {e}"
-            ))),
-        }
+        Ok(Running {
+            sock: mine,
+            held: None,
+            shared: Arc::new(Shared::default()),
+            t0,
+        })
     }
 }
 
 impl Drop for Launcher {
+    /// Closes the helper's control socket: it kills the sandboxes still
+    /// running, lets OCI monitors clean up (their containers' state and
+    /// cgroups), and exits. Waits up to 6 s for that, then kills it.
     fn drop(&mut self) {
         let h = self.helper.get_mut().unwrap_or_else(|p| p.into_inner());
+        h.ctl = None;
+        if let Ok(pidfd) = sys::pidfd_open(h.child.id() as libc::pid_t) {
+            let mut p = [libc::pollfd {
+                fd: pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            if sys::poll_readable(&mut p, 6000) == Ok(1) {
+                let _ = h.child.wait();
+                return;
+            }
+        }
         let _ = h.child.kill();
         let _ = h.child.wait();
     }
 }
 
+/// What a [`Running`] shares with its [`KillHandle`]s.
+#[derive(Debug, Default)]
+struct Shared {
+    /// The sandbox's PID 1, once it has reported ready; and whether a kill
+    /// was asked for before that (it is then delivered on arrival).
+    pidfd: Mutex<(Option<Arc<OwnedFd>>, bool)>,
+    cancelled: AtomicBool,
+}
+
+impl Shared {
+    fn kill(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        let mut g = self.pidfd.lock().unwrap_or_else(|p| p.into_inner());
+        g.1 = true;
+        if let Some(fd) = &g.0 {
+            // ESRCH: already gone, which is what was asked.
+            let _ = sys::pidfd_send_signal(fd.as_fd(), libc::SIGKILL);
+        }
+    }
+
+    fn arrived(&self, pidfd: OwnedFd) {
+        let mut g = self.pidfd.lock().unwrap_or_else(|p| p.into_inner());
+        if g.1 {
+            let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+        }
+        g.0 = Some(Arc::new(pidfd));
+    }
+}
+
 /// Kills a running sandbox from any thread: SIGKILL through a pidfd to the
 /// sandbox's PID 1, which takes every process of it down at once (nested
-/// PID namespaces included). A pidfd never signals a recycled pid.
+/// PID namespaces included). A pidfd never signals a recycled pid. A kill
+/// before the sandbox finished its set-up is delivered when it does.
 #[derive(Clone, Debug)]
 pub struct KillHandle {
-    pidfd: Arc<OwnedFd>,
-    cancelled: Arc<AtomicBool>,
+    shared: Arc<Shared>,
 }
 
 impl KillHandle {
     pub fn kill(&self) {
-        self.cancelled.store(true, Ordering::SeqCst);
-        // ESRCH: already gone, which is what was asked.
-        let _ = sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL);
+        self.shared.kill()
     }
 }
 
-/// A sandbox whose command is running.
+/// What the sandbox's init sent when it was set up.
 #[derive(Debug)]
-pub struct Running {
-    sock: OwnedFd,
-    pidfd: Arc<OwnedFd>,
+struct ReadyFds {
     root: OwnedFd,
     mntns: OwnedFd,
     kiln_mounts: Vec<PathBuf>,
     warnings: Vec<String>,
-    cancelled: Arc<AtomicBool>,
+}
+
+/// A sandbox whose command is running (or, after [`Launcher::start`], about to).
+#[derive(Debug)]
+pub struct Running {
+    sock: OwnedFd,
+    held: Option<ReadyFds>,
+    shared: Arc<Shared>,
     t0: u64,
 }
 
 impl Running {
-    /// The host pid of the sandbox's init (PID 1 inside), for logs.
+    /// Blocks until the sandbox is set up (a no-op after [`Launcher::spawn`]).
+    pub fn ready(&mut self) -> Result<()> {
+        if self.held.is_some() {
+            return Ok(());
+        }
+        loop {
+            match protocol::recv::<Reply>(self.sock.as_fd(), 3) {
+                Ok(Received::Msg(
+                    Reply::Ready {
+                        kiln_mounts,
+                        warnings,
+                    },
+                    fds,
+                )) => {
+                    let [pidfd, root, mntns]: [OwnedFd; 3] =
+                        fds.try_into().map_err(|v: Vec<_>| {
+                            SandboxError::Helper(format!(
+                                "ready message with {} fds instead of 3",
+                                v.len()
+                            ))
+                        })?;
+                    self.shared.arrived(pidfd);
+                    self.held = Some(ReadyFds {
+                        root,
+                        mntns,
+                        kiln_mounts,
+                        warnings,
+                    });
+                    return Ok(());
+                }
+                Ok(Received::Msg(Reply::Error(e), _)) => return Err(SandboxError::Setup(e)),
+                Ok(Received::Msg(Reply::Finished { .. }, _)) => {
+                    return Err(SandboxError::Helper(
+                        "the sandbox ended (timeout?) before its set-up completed".into(),
+                    ));
+                }
+                Ok(Received::Eof) => {
+                    return Err(SandboxError::Helper(
+                        "the helper closed the sandbox's channel during set-up (did it die?)"
+                            .into(),
+                    ));
+                }
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    return Err(SandboxError::Helper(format!(
+                        "reading the set-up reply: {e}"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The host pid of the sandbox's init (PID 1 inside), for logs; `None`
+    /// before it is [`ready`](Self::ready).
     pub fn pid(&self) -> Option<u32> {
-        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", self.pidfd.as_raw_fd()))
-            .ok()?;
+        let g = self.shared.pidfd.lock().unwrap_or_else(|p| p.into_inner());
+        let fd = g.0.as_ref()?;
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
         info.lines()
             .find_map(|l| l.strip_prefix("Pid:"))
             .and_then(|p| p.trim().parse::<i64>().ok())
@@ -294,18 +380,17 @@ impl Running {
 
     /// Kills the whole sandbox now; [`wait`](Self::wait) then reports it as cancelled.
     pub fn kill(&self) {
-        self.kill_handle().kill()
+        self.shared.kill()
     }
 
     /// A handle to [`kill`](Self::kill) from another thread while this one waits.
     pub fn kill_handle(&self) -> KillHandle {
         KillHandle {
-            pidfd: self.pidfd.clone(),
-            cancelled: self.cancelled.clone(),
+            shared: self.shared.clone(),
         }
     }
 
-    /// An fd that becomes readable when [`wait`](Self::wait) would not block
+    /// An fd that becomes readable when the sandbox has something to say
     /// (for callers with an event loop, e.g. tokio's `AsyncFd`).
     pub fn wait_fd(&self) -> BorrowedFd<'_> {
         self.sock.as_fd()
@@ -314,7 +399,9 @@ impl Running {
     /// Blocks until the command has exited and every other process of the
     /// sandbox is dead (or it timed out / was killed). The mount namespace
     /// stays alive in the returned [`Finished`] for collection.
-    pub fn wait(self) -> Result<Finished> {
+    pub fn wait(mut self) -> Result<Finished> {
+        self.ready()?;
+        let held = self.held.take().expect("ready");
         loop {
             match protocol::recv::<Reply>(self.sock.as_fd(), 0) {
                 Ok(Received::Msg(
@@ -330,19 +417,23 @@ impl Running {
                     }
                     match killed {
                         Some(KilledBy::Timeout) => outcome.timed_out = true,
-                        Some(KilledBy::InitDied) if self.cancelled.load(Ordering::SeqCst) => {
+                        Some(KilledBy::InitDied)
+                            if self.shared.cancelled.load(Ordering::SeqCst) =>
+                        {
                             outcome.cancelled = true
                         }
                         _ => {}
                     }
-                    let mut warnings = self.warnings;
+                    let mut warnings = held.warnings;
                     warnings.append(&mut outcome.warnings);
                     outcome.warnings = warnings;
                     return Ok(Finished {
                         outcome,
-                        root: RootDir::new(self.root),
-                        mntns: self.mntns,
-                        kiln_mounts: self.kiln_mounts,
+                        ns: Some(HeldNamespace {
+                            root: RootDir::new(held.root),
+                            _mntns: held.mntns,
+                        }),
+                        kiln_mounts: held.kiln_mounts,
                         _sock: self.sock,
                     });
                 }
@@ -368,8 +459,7 @@ impl Running {
 #[derive(Debug)]
 pub struct Finished {
     pub outcome: Outcome,
-    root: RootDir,
-    mntns: OwnedFd,
+    ns: Option<HeldNamespace>,
     kiln_mounts: Vec<PathBuf>,
     _sock: OwnedFd,
 }
@@ -377,7 +467,7 @@ pub struct Finished {
 impl Finished {
     /// The sandbox's `/`, for reading outputs.
     pub fn root(&self) -> &RootDir {
-        &self.root
+        &self.ns.as_ref().expect("held until release").root
     }
 
     /// Kiln's own mounts (`dev`, `proc`, `tmp`), relative to the root: treat
@@ -386,11 +476,58 @@ impl Finished {
         &self.kiln_mounts
     }
 
-    /// Lets the mount namespace go: the kernel unmounts everything in it
-    /// (overlay, binds, tmpfs). Same as dropping.
-    pub fn release(self) {
-        drop(self.root);
-        drop(self.mntns);
+    /// Lets the mount namespace go and returns once the kernel has unmounted
+    /// everything in it (overlay, binds, tmpfs): the staged directories may
+    /// be deleted right after. Tearing a mount namespace down waits for an
+    /// RCU grace period (about a millisecond here, more under load); dropping
+    /// a `Finished` instead does the same on a background thread.
+    pub fn release(mut self) {
+        if let Some(ns) = self.ns.take() {
+            drop(ns);
+        }
+    }
+}
+
+/// The fds that keep a finished sandbox's mount namespace alive.
+#[derive(Debug)]
+struct HeldNamespace {
+    root: RootDir,
+    /// Held only to keep the namespace alive (the root fd alone would keep
+    /// the root mount, not what is mounted under it).
+    _mntns: OwnedFd,
+}
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        if let Some(ns) = self.ns.take() {
+            release_in_background(ns);
+        }
+    }
+}
+
+/// One thread for the whole process drops held namespaces, so callers never
+/// wait for the kernel's grace period.
+fn release_in_background(ns: HeldNamespace) {
+    static DROPPER: OnceLock<Mutex<Option<mpsc::Sender<HeldNamespace>>>> = OnceLock::new();
+    let tx = DROPPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<HeldNamespace>();
+        let spawned = std::thread::Builder::new()
+            .name("kiln-sandbox-release".into())
+            .spawn(move || {
+                for ns in rx {
+                    drop(ns);
+                }
+            });
+        Mutex::new(spawned.ok().map(|_| tx))
+    });
+    let guard = tx.lock().unwrap_or_else(|p| p.into_inner());
+    match guard.as_ref() {
+        Some(tx) => {
+            if let Err(mpsc::SendError(ns)) = tx.send(ns) {
+                drop(ns);
+            }
+        }
+        None => drop(ns),
     }
 }
 
@@ -398,14 +535,38 @@ impl Finished {
 pub trait Backend: Send + Sync {
     fn spawn(&self, req: SandboxRequest) -> Result<Running>;
 
-    /// `spawn` then `wait`.
+    /// Starts without waiting for the set-up (see [`Launcher::start`]).
+    fn start(&self, req: SandboxRequest) -> Result<Running>;
+
+    /// `start` then `wait`.
     fn run(&self, req: SandboxRequest) -> Result<Finished> {
-        self.spawn(req)?.wait()
+        self.start(req)?.wait()
     }
 }
 
 impl Backend for Launcher {
     fn spawn(&self, req: SandboxRequest) -> Result<Running> {
         Launcher::spawn(self, req)
+    }
+
+    fn start(&self, req: SandboxRequest) -> Result<Running> {
+        Launcher::start(self, req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn handles_cross_threads() {
+        // The executor shares one Launcher between its tasks and kills or
+        // waits on sandboxes from other threads.
+        send_sync::<Launcher>();
+        send_sync::<Running>();
+        send_sync::<Finished>();
+        send_sync::<KillHandle>();
     }
 }

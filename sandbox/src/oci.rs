@@ -48,8 +48,11 @@ pub struct SpecContext {
     /// resolved inside the root (see [`resolve_subtrees`]).
     pub subtree_sources: Vec<(PathBuf, PathBuf, bool)>,
     pub warnings: Vec<String>,
-    /// Where libcontainer puts the sandbox's cgroup (e.g. `/kiln/<id>`).
+    /// Where the runtime puts the sandbox's cgroup (e.g. `/kiln/<id>`).
     pub cgroups_path: PathBuf,
+    /// Kiln's init is the container's PID 1 (libcontainer). `false` for an
+    /// external runtime, where the command itself is PID 1.
+    pub kiln_init: bool,
 }
 
 fn e(s: impl std::fmt::Display) -> String {
@@ -75,6 +78,13 @@ pub(crate) fn spec_for(req: &WireRequest, ctx: &SpecContext) -> Result<Spec, Str
         c.insert(oci_spec::runtime::Capability::NetAdmin);
         c.insert(oci_spec::runtime::Capability::Setpcap);
         c
+    };
+    let init_caps = || {
+        if ctx.kiln_init {
+            init_caps()
+        } else {
+            oci_spec::runtime::Capabilities::new()
+        }
     };
     let none = || {
         LinuxCapabilitiesBuilder::default()
@@ -195,10 +205,12 @@ pub(crate) fn spec_for(req: &WireRequest, ctx: &SpecContext) -> Result<Spec, Str
                 .map(|p| format!("/proc/{p}"))
                 .collect::<Vec<_>>(),
         )
-        .sysctl(HashMap::from([(
-            "user.max_user_namespaces".to_string(),
-            "0".to_string(),
-        )]))
+        // runc refuses `user.*` sysctls; libcontainer applies them.
+        .sysctl(if ctx.kiln_init {
+            HashMap::from([("user.max_user_namespaces".to_string(), "0".to_string())])
+        } else {
+            HashMap::new()
+        })
         .build()
         .map_err(e)?;
     let mut annotations = HashMap::new();
@@ -308,7 +320,19 @@ fn ensure_cwd(root: &Path, cwd: &Path) -> Result<(), SetupError> {
     Ok(())
 }
 
-fn host_warnings(privileged: bool) -> Vec<String> {
+fn host_warnings(privileged: bool, external: bool) -> Vec<String> {
+    if external {
+        return vec![
+            "external OCI runtime: the command is the container's PID 1 \
+             (signals it does not handle are ignored; no Kiln init reaps orphans)"
+                .to_string(),
+            "external OCI runtime: nested user namespaces are not disabled \
+             (runc refuses the user.max_user_namespaces sysctl)"
+                .to_string(),
+            "external OCI runtime: the runtime may add HOME (runc: and PATH) to the environment"
+                .to_string(),
+        ];
+    }
     let mut w =
         vec!["no seccomp filter: Kiln's OCI backend is built without libseccomp".to_string()];
     let v1 =
@@ -411,13 +435,6 @@ pub(crate) fn start_in_helper(
     stdout: OwnedFd,
     stderr: OwnedFd,
 ) -> Result<Action, SetupError> {
-    if req.oci_runtime.is_some() {
-        return Err(SetupError {
-            step: "external OCI runtimes (crun, runc) are not wired in yet: use the built-in one"
-                .into(),
-            errno: 0,
-        });
-    }
     // SAFETY: the helper is single-threaded.
     match unsafe { sys::clone3_fork(0) } {
         Err(e) => Err(SetupError::new("fork the OCI monitor", e)),
@@ -468,7 +485,8 @@ fn monitor(
         libc::getpid()
     });
     let cgroups_path = PathBuf::from("/kiln").join(&id);
-    let (outside_uid, outside_gid) = if ctx.privileged {
+    let external = req.oci_runtime.clone();
+    let (outside_uid, outside_gid) = if ctx.privileged || external.is_some() {
         (ctx.outside_uid, ctx.outside_gid)
     } else {
         if let Err(e) = enter_rootless_namespaces(ctx.outside_uid, ctx.outside_gid, &cgroups_path) {
@@ -480,13 +498,20 @@ fn monitor(
         outside_uid,
         outside_gid,
         subtree_sources,
-        warnings: host_warnings(ctx.privileged),
+        warnings: host_warnings(ctx.privileged, external.is_some()),
         cgroups_path,
+        kiln_init: external.is_none(),
     };
     let spec = spec_for(&req, &sctx).unwrap_or_else(|m| fail(SetupError { step: m, errno: 0 }));
     let bundle = states.join("bundles").join(&id);
+    // Whatever libcontainer managed to delete, nothing of this sandbox may
+    // stay behind: its bundle, its state directory, its (empty) cgroups.
     let cleanup_bundle = || {
         let _ = std::fs::remove_dir_all(&bundle);
+        let _ = std::fs::remove_dir_all(states.join(&id));
+        if ctx.privileged {
+            remove_cgroups(&sctx.cgroups_path);
+        }
     };
     if let Err(err) = std::fs::create_dir_all(&bundle)
         .map_err(|e| e.to_string())
@@ -499,6 +524,20 @@ fn monitor(
             step: format!("write OCI bundle {}: {err}", bundle.display()),
             errno: 0,
         });
+    }
+    if let Some(runtime) = external {
+        run_external(
+            &runtime,
+            ctx.privileged,
+            &states,
+            &id,
+            &bundle,
+            &req,
+            sock,
+            stdout,
+            stderr,
+            &sctx.warnings,
+        );
     }
     let devnull = sys::open(c"/dev/null", libc::O_RDONLY, 0)
         .unwrap_or_else(|e| fail(SetupError::new("open /dev/null", e)));
@@ -547,7 +586,7 @@ fn monitor(
     };
     let pidfd = sys::pidfd_open(pid.as_raw())
         .unwrap_or_else(|e| fail(SetupError::new("pidfd_open(container init)", e)));
-    let timed_out = wait_with_deadline(pidfd.as_fd(), req.timeout.map(|t| started + t));
+    let timed_out = wait_with_deadline(pidfd.as_fd(), sock, req.timeout.map(|t| started + t));
     let reaped = sys::waitid_pidfd(pidfd.as_fd());
     let _ = container.delete(true);
     cleanup_bundle();
@@ -585,22 +624,249 @@ fn monitor(
     sys::exit_now(0)
 }
 
+/// An external OCI runtime (crun, runc) runs the bundle; the command is the
+/// container's PID 1. `create` daemonises the container's init, which we
+/// adopt as a child subreaper so `wait4` gives its status and rusage; the
+/// launcher gets the same Ready/Finished messages as from Kiln's own init.
+#[allow(clippy::too_many_arguments)]
+fn run_external(
+    runtime: &Path,
+    privileged: bool,
+    states: &Path,
+    id: &str,
+    bundle: &Path,
+    req: &WireRequest,
+    sock: BorrowedFd<'_>,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    warnings: &[String],
+) -> ! {
+    let fail = |e: SetupError| -> ! {
+        let _ = std::fs::remove_dir_all(bundle);
+        let _ = protocol::send(sock, &Reply::Error(e), &[]);
+        sys::exit_now(0)
+    };
+    let rt_name = runtime
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let rt_root = states.join(format!("runtime-{rt_name}"));
+    if privileged && Path::new("/sys/fs/cgroup/unified/cgroup.controllers").exists() {
+        // crun 1.8 refuses a cgroup v1 host with a cgroup2 mount beside it;
+        // hidden in a private mount namespace, it runs.
+        let hidden = sys::unshare(libc::CLONE_NEWNS)
+            .and_then(|()| sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None))
+            .and_then(|()| sys::umount2(c"/sys/fs/cgroup/unified", libc::MNT_DETACH));
+        if let Err(e) = hidden {
+            fail(SetupError::new(
+                "hide /sys/fs/cgroup/unified from the OCI runtime",
+                e,
+            ));
+        }
+    }
+    let _ = sys::prctl(libc::PR_SET_CHILD_SUBREAPER, 1);
+    let run = |args: &[&std::ffi::OsStr], out: Option<&OwnedFd>, err: Option<&OwnedFd>| {
+        let mut cmd = std::process::Command::new(runtime);
+        cmd.arg("--root")
+            .arg(&rt_root)
+            .args(args)
+            .stdin(std::process::Stdio::null());
+        let dup = |f: Option<&OwnedFd>| -> std::process::Stdio {
+            match f.and_then(|f| f.try_clone().ok()) {
+                Some(f) => f.into(),
+                None => std::process::Stdio::null(),
+            }
+        };
+        cmd.stdout(dup(out)).stderr(dup(err));
+        cmd.status()
+    };
+    let pid_file = bundle.join("pid");
+    let created = run(
+        &[
+            "create".as_ref(),
+            "--bundle".as_ref(),
+            bundle.as_os_str(),
+            "--pid-file".as_ref(),
+            pid_file.as_os_str(),
+            id.as_ref(),
+        ],
+        Some(&stdout),
+        Some(&stderr),
+    );
+    drop((stdout, stderr));
+    match created {
+        Ok(st) if st.success() => {}
+        Ok(st) => fail(SetupError {
+            step: format!(
+                "{} create: {st} (its messages are on the action's stderr)",
+                runtime.display()
+            ),
+            errno: 0,
+        }),
+        Err(e) => fail(SetupError {
+            step: format!("run {}: {e}", runtime.display()),
+            errno: e.raw_os_error().unwrap_or(0),
+        }),
+    }
+    let delete = || {
+        let _ = run(
+            &["delete".as_ref(), "--force".as_ref(), id.as_ref()],
+            None,
+            None,
+        );
+        let _ = std::fs::remove_dir_all(bundle);
+    };
+    let pid: Option<libc::pid_t> = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|p| p.trim().parse().ok());
+    let Some(pid) = pid else {
+        delete();
+        fail(SetupError {
+            step: format!("{} wrote no pid file", runtime.display()),
+            errno: 0,
+        });
+    };
+    let opened = (|| {
+        let pidfd =
+            sys::pidfd_open(pid).map_err(|e| SetupError::new("pidfd_open(container)", e))?;
+        let root = sys::open(
+            &sys::cpath(Path::new(&format!("/proc/{pid}/root"))),
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )
+        .map_err(|e| SetupError::new("open the container's root", e))?;
+        let mntns = sys::open(
+            &sys::cpath(Path::new(&format!("/proc/{pid}/ns/mnt"))),
+            libc::O_RDONLY,
+            0,
+        )
+        .map_err(|e| SetupError::new("open the container's mount namespace", e))?;
+        Ok::<_, SetupError>((pidfd, root, mntns))
+    })();
+    let (pidfd, root, mntns) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            delete();
+            fail(e);
+        }
+    };
+    let ready = Reply::Ready {
+        kiln_mounts: KILN_MOUNTS.iter().map(PathBuf::from).collect(),
+        warnings: warnings.to_vec(),
+    };
+    if protocol::send(sock, &ready, &[pidfd.as_fd(), root.as_fd(), mntns.as_fd()]).is_err() {
+        delete();
+        sys::exit_now(2);
+    }
+    drop((root, mntns));
+    let exec_ns = sys::monotonic_ns();
+    let started = Instant::now();
+    if !matches!(run(&["start".as_ref(), id.as_ref()], None, None), Ok(st) if st.success()) {
+        let _ = sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
+    }
+    let timed_out = wait_with_deadline(pidfd.as_fd(), sock, req.timeout.map(|t| started + t));
+    let reaped = sys::wait4(pid);
+    let wall = started.elapsed();
+    delete();
+    let (status, ru) = match reaped {
+        Ok(x) => x,
+        // SAFETY: a zeroed rusage is valid.
+        Err(_) => (libc::SIGKILL, unsafe { std::mem::zeroed() }),
+    };
+    let st = if libc::WIFEXITED(status) {
+        ExitStatus::Exited(libc::WEXITSTATUS(status))
+    } else {
+        ExitStatus::Signaled(libc::WTERMSIG(status))
+    };
+    let killed = if timed_out {
+        Some(KilledBy::Timeout)
+    } else if st == ExitStatus::Signaled(libc::SIGKILL) {
+        Some(KilledBy::InitDied)
+    } else {
+        None
+    };
+    let outcome = Outcome {
+        status: st,
+        timed_out,
+        cancelled: false,
+        wall,
+        user: sys::timeval(ru.ru_utime),
+        sys: sys::timeval(ru.ru_stime),
+        peak_rss_bytes: ru.ru_maxrss as u64 * 1024,
+        setup: Duration::ZERO,
+        warnings: Vec::new(),
+    };
+    let _ = protocol::send(
+        sock,
+        &Reply::Finished {
+            outcome,
+            exec_ns,
+            killed,
+        },
+        &[],
+    );
+    sys::exit_now(0)
+}
+
+/// Removes the sandbox's leaf cgroup in every v1 hierarchy (and a v2 one),
+/// retrying briefly while the kernel finishes releasing its last tasks.
+fn remove_cgroups(path: &Path) {
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    let Ok(dirs) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    let mut leaves: Vec<PathBuf> = dirs
+        .flatten()
+        .map(|d| d.path().join(rel))
+        .chain(std::iter::once(Path::new("/sys/fs/cgroup").join(rel)))
+        .filter(|p| p.is_dir())
+        .collect();
+    for _ in 0..20 {
+        leaves.retain(|p| std::fs::remove_dir(p).is_err() && p.is_dir());
+        if leaves.is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    tracing::warn!("could not remove cgroups {leaves:?}");
+}
+
 /// Waits for the process behind `pidfd` to exit; kills it at `deadline`.
 /// Returns whether it had to.
-fn wait_with_deadline(pidfd: BorrowedFd<'_>, deadline: Option<Instant>) -> bool {
+///
+/// The launcher closing its end of `sock` (it dropped the sandbox, or went
+/// away) kills the container too, so this monitor can still clean up.
+fn wait_with_deadline(
+    pidfd: BorrowedFd<'_>,
+    sock: BorrowedFd<'_>,
+    deadline: Option<Instant>,
+) -> bool {
+    let mut watch_sock = true;
     loop {
         let ms = match deadline {
             None => -1,
             Some(d) => (d.saturating_duration_since(Instant::now()).as_millis() + 1)
                 .min(i32::MAX as u128) as i32,
         };
-        let mut p = [libc::pollfd {
-            fd: pidfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
+        let mut p = [
+            libc::pollfd {
+                fd: pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                // Only hang-ups matter: poll reports them whatever the events.
+                fd: if watch_sock { sock.as_raw_fd() } else { -1 },
+                events: 0,
+                revents: 0,
+            },
+        ];
         match sys::poll_readable(&mut p, ms) {
-            Ok(n) if n > 0 => return false,
+            Ok(_) if p[0].revents != 0 => return false,
+            Ok(_) if p[1].revents != 0 => {
+                watch_sock = false;
+                let _ = sys::pidfd_send_signal(pidfd, libc::SIGKILL);
+            }
             Ok(_) if deadline.is_some_and(|d| Instant::now() >= d) => {
                 let _ = sys::pidfd_send_signal(pidfd, libc::SIGKILL);
                 let mut p = [libc::pollfd {
@@ -701,8 +967,8 @@ impl Executor for KilnInit {
             .collect();
         // libcontainer set no_new_privs and left us only NET_ADMIN and
         // SETPCAP; the command gives those up too before its execve.
-        let exec = Exec::new(&argv, &env, out, err, false, self.last_cap);
-        match init::run_as_init(&exec) {
+        let exec = Exec::new(&argv, &env, out, err, self.last_cap);
+        match init::run_as_init(&exec, None) {
             Ok((outcome, exec_ns)) => report(
                 &Reply::Finished {
                     outcome,
@@ -760,6 +1026,7 @@ mod tests {
             subtree_sources: vec![("out".into(), "/srv/root/out".into(), false)],
             warnings: vec!["w".into()],
             cgroups_path: "/kiln/x".into(),
+            kiln_init: true,
         };
         let spec = spec_for(&req(), &ctx).unwrap();
         let json = serde_json::to_value(&spec).unwrap();

@@ -586,6 +586,17 @@ pub fn loopback_up() -> SysResult<()> {
     check_int(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) }).map(drop)
 }
 
+/// Resets `sig` to its default action and unblocks every signal. Fork-safe.
+pub fn reset_signal_mask_and(sig: libc::c_int) {
+    // SAFETY: restoring a default and an empty mask are always valid.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}
+
 /// Resets every signal to its default action and unblocks all. Fork-safe.
 pub fn reset_signals() {
     for sig in 1..libc::SIGRTMAX() {

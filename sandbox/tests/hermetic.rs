@@ -69,7 +69,8 @@ fn reach_host_tcp(mode: Mode, backend: BackendKind) {
     let r2 = run_sh(
         &l,
         &s,
-        "nc -l -p 7777 -e echo inside-lo & sleep 0.2; /probe connect 7777",
+        "nc -l -p 7777 -e echo inside-lo & \
+         for i in 1 2 3 4 5 6 7 8 9 10; do /probe connect 7777 | grep ok && break; sleep 0.2; done",
     );
     assert!(
         r2.stdout.contains("connect: ok"),
@@ -239,12 +240,18 @@ fn leave_process_after_timeout(mode: Mode, backend: BackendKind) {
          echo partial > /partial; sleep 1000"
     );
     let mut req = sh_request(Root::Dir(s.root()), &script, &out, &err);
-    req.timeout = Some(Duration::from_millis(700));
+    req.timeout = Some(Duration::from_millis(2000));
     let running = l.spawn(req).unwrap();
     let pid = running.pid().expect("init pid");
     let ns = std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap();
     let ns = ns.to_string_lossy().into_owned();
-    std::thread::sleep(Duration::from_millis(300));
+    // Wait (bounded) until the daemons run, however loaded the machine.
+    for _ in 0..100 {
+        if processes_in_pidns(&ns).len() >= 4 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(processes_in_pidns(&ns).len() >= 4, "the daemons did start");
     let f = running.wait().unwrap();
     assert!(f.outcome.timed_out, "{:?}", f.outcome);

@@ -450,7 +450,53 @@ fn concurrent_sandboxes(mode: Mode, backend: BackendKind) {
     }
 }
 
+/// A request larger than one datagram (here 240 KB of environment) travels
+/// to the helper in a memfd.
+fn large_request(mode: Mode, backend: BackendKind) {
+    let fx = need_fixture!();
+    let l = launcher(mode, backend);
+    let s = Scratch::new(&fx, mode);
+    let r = run_sh_with(&l, &s, "echo ${#V0} ${#V11}; env | wc -l", |q| {
+        for i in 0..12 {
+            q.env.push((format!("V{i}"), "x".repeat(20_000)));
+        }
+    });
+    assert!(r.outcome.status.success(), "{}", r.stderr);
+    assert_eq!(r.stdout, "20000 20000\n15\n", "{}", r.stderr);
+}
+
+/// Dropping a running sandbox (without waiting) kills all of it.
+fn dropping_kills(mode: Mode, backend: BackendKind) {
+    let fx = need_fixture!();
+    let l = launcher(mode, backend);
+    let s = Scratch::new(&fx, mode);
+    let marker = format!("kiln-dropped-{}-{mode:?}-{backend:?}", std::process::id());
+    let script = format!("setsid sh -c 'sleep 1000; : {marker}' & sleep 1000; : {marker}");
+    let q = sh_request(Root::Dir(s.root()), &script, &s.path("o"), &s.path("e"));
+    let running = l.spawn(q).unwrap();
+    for _ in 0..250 {
+        if processes_with(&marker).len() >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!processes_with(&marker).is_empty());
+    drop(running);
+    for _ in 0..300 {
+        if processes_with(&marker).is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!(
+        "processes survived their dropped sandbox: {:?}",
+        processes_with(&marker)
+    );
+}
+
 matrix!(
+    dropping_kills,
+    large_request,
     exit_codes_and_signals,
     stdout_stderr_separate,
     large_output_streams,

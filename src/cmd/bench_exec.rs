@@ -24,13 +24,13 @@ use kiln_executor::stage::{Staged, Stager};
 use kiln_executor::trash::Trash;
 use kiln_executor::tree::InputTree;
 use kiln_proto::digest;
+use kiln_proto::prost::Message;
 use kiln_proto::reapi::execution_client::ExecutionClient;
 use kiln_proto::reapi::{
     Action, Command, Digest, Directory, DirectoryNode, ExecuteRequest, ExecuteResponse, FileNode,
     Platform, command::EnvironmentVariable, platform::Property,
 };
 use kiln_sandbox::{Launcher, LauncherConfig, Root, SandboxRequest};
-use kiln_proto::prost::Message;
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
@@ -71,7 +71,9 @@ pub fn run(args: BenchExecArgs) -> anyhow::Result<()> {
     };
     let root = std::fs::canonicalize(&root).with_context(|| format!("{}", root.display()))?;
     let work = match &args.work_dir {
-        Some(d) => tempfile::Builder::new().prefix("kiln-bench-").tempdir_in(d)?,
+        Some(d) => tempfile::Builder::new()
+            .prefix("kiln-bench-")
+            .tempdir_in(d)?,
         None => tempfile::Builder::new().prefix("kiln-bench-").tempdir()?,
     };
     let mut child = None;
@@ -102,22 +104,61 @@ pub fn run(args: BenchExecArgs) -> anyhow::Result<()> {
     let staging = bench_staging(work.path(), args.stage_files, args.stage_runs)?;
 
     println!();
-    println!("Trivial actions: {} distinct `/bin/true` in a busybox root, {} in flight", args.actions, args.concurrency);
-    println!("{:<44} {:>12} {:>10} {:>10}", "", "actions/s", "p50 ms", "p99 ms");
-    println!("{:<44} {:>12.0} {:>10.2} {:>10.2}", "Kiln: Execute, full sandbox (1 worker)", remote.rate, remote.p50, remote.p99);
-    println!("{:<44} {:>12.0} {:>10.2} {:>10.2}", "baseline: same actions, action-cache hits", cached.rate, cached.p50, cached.p99);
-    println!("{:<44} {:>12.0} {:>10.2} {:>10.2}", "baseline: bare sandbox, no RPC", sandbox.rate, sandbox.p50, sandbox.p99);
+    println!(
+        "Trivial actions: {} distinct `/bin/true` in a busybox root, {} in flight",
+        args.actions, args.concurrency
+    );
+    println!(
+        "{:<44} {:>12} {:>10} {:>10}",
+        "", "actions/s", "p50 ms", "p99 ms"
+    );
+    println!(
+        "{:<44} {:>12.0} {:>10.2} {:>10.2}",
+        "Kiln: Execute, full sandbox (1 worker)", remote.rate, remote.p50, remote.p99
+    );
+    println!(
+        "{:<44} {:>12.0} {:>10.2} {:>10.2}",
+        "baseline: same actions, action-cache hits", cached.rate, cached.p50, cached.p99
+    );
+    println!(
+        "{:<44} {:>12.0} {:>10.2} {:>10.2}",
+        "baseline: bare sandbox, no RPC", sandbox.rate, sandbox.p50, sandbox.p99
+    );
     println!();
-    println!("  Kiln / target ({TARGET_ACTIONS_PER_SEC:.0}/s):        {:.2}×  {}", remote.rate / TARGET_ACTIONS_PER_SEC, verdict(remote.rate >= TARGET_ACTIONS_PER_SEC));
-    println!("  p99 / target ({TARGET_P99_MS:.0} ms):           {:.2}×  {}", remote.p99 / TARGET_P99_MS, verdict(remote.p99 <= TARGET_P99_MS));
-    println!("  Kiln / cache-hit floor:          {:.2}×", remote.rate / cached.rate);
-    println!("  Kiln / bare sandbox:             {:.2}×", remote.rate / sandbox.rate);
+    println!(
+        "  Kiln / target ({TARGET_ACTIONS_PER_SEC:.0}/s):        {:.2}×  {}",
+        remote.rate / TARGET_ACTIONS_PER_SEC,
+        verdict(remote.rate >= TARGET_ACTIONS_PER_SEC)
+    );
+    println!(
+        "  p99 / target ({TARGET_P99_MS:.0} ms):           {:.2}×  {}",
+        remote.p99 / TARGET_P99_MS,
+        verdict(remote.p99 <= TARGET_P99_MS)
+    );
+    println!(
+        "  Kiln / cache-hit floor:          {:.2}×",
+        remote.rate / cached.rate
+    );
+    println!(
+        "  Kiln / bare sandbox:             {:.2}×",
+        remote.rate / sandbox.rate
+    );
     println!();
-    println!("Staging a {}-file input tree from a warm cache (median of {})", args.stage_files, args.stage_runs);
+    println!(
+        "Staging a {}-file input tree from a warm cache (median of {})",
+        args.stage_files, args.stage_runs
+    );
     println!("  Kiln stage:  {:>8.1} ms", staging.kiln_ms);
     println!("  cp -al:      {:>8.1} ms", staging.cp_ms);
-    println!("  Kiln / cp -al: {:.2}×  (target ≤ {TARGET_STAGE_RATIO}×) {}", staging.kiln_ms / staging.cp_ms, verdict(staging.kiln_ms / staging.cp_ms <= TARGET_STAGE_RATIO));
-    println!("  re-staging the same root (reused): {:.3} ms", staging.reuse_ms);
+    println!(
+        "  Kiln / cp -al: {:.2}×  (target ≤ {TARGET_STAGE_RATIO}×) {}",
+        staging.kiln_ms / staging.cp_ms,
+        verdict(staging.kiln_ms / staging.cp_ms <= TARGET_STAGE_RATIO)
+    );
+    println!(
+        "  re-staging the same root (reused): {:.3} ms",
+        staging.reuse_ms
+    );
     Ok(())
 }
 
@@ -131,7 +172,10 @@ fn default_root() -> anyhow::Result<PathBuf> {
         .unwrap_or_else(|| PathBuf::from(".cache/fixtures"));
     let root = base.join("busybox");
     if !root.join("bin/busybox").exists() {
-        bail!("no busybox root at {} (run scripts/fixtures, or pass --root)", root.display());
+        bail!(
+            "no busybox root at {} (run scripts/fixtures, or pass --root)",
+            root.display()
+        );
     }
     Ok(root)
 }
@@ -152,7 +196,11 @@ fn stats(mut latencies: Vec<f64>, wall: Duration) -> Stats {
     }
 }
 
-async fn bench_actions(args: &BenchExecArgs, url: &str, root: &Path) -> anyhow::Result<(Stats, Stats)> {
+async fn bench_actions(
+    args: &BenchExecArgs,
+    url: &str,
+    root: &Path,
+) -> anyhow::Result<(Stats, Stats)> {
     let ch = Channel::from_shared(url.to_string())?
         .connect()
         .await
@@ -184,14 +232,23 @@ async fn bench_actions(args: &BenchExecArgs, url: &str, root: &Path) -> anyhow::
 fn trivial_action(input: &Digest, id: &str) -> (Digest, Vec<u8>, Vec<u8>) {
     let platform = Platform {
         properties: vec![
-            Property { name: "ISA".into(), value: "x86-64".into() },
-            Property { name: "OSFamily".into(), value: "linux".into() },
+            Property {
+                name: "ISA".into(),
+                value: "x86-64".into(),
+            },
+            Property {
+                name: "OSFamily".into(),
+                value: "linux".into(),
+            },
         ],
     };
     #[allow(deprecated)]
     let cmd = Command {
         arguments: vec!["/bin/true".into()],
-        environment_variables: vec![EnvironmentVariable { name: "BENCH_ID".into(), value: id.into() }],
+        environment_variables: vec![EnvironmentVariable {
+            name: "BENCH_ID".into(),
+            value: id.into(),
+        }],
         platform: Some(platform.clone()),
         ..Default::default()
     };
@@ -257,7 +314,12 @@ async fn execute(ch: &Channel, action: Digest) -> anyhow::Result<ExecuteResponse
 }
 
 /// `/bin/true` straight through the launcher, `concurrency` at a time.
-fn bare_sandbox(root: &Path, runs: usize, concurrency: usize, work: &Path) -> anyhow::Result<Stats> {
+fn bare_sandbox(
+    root: &Path,
+    runs: usize,
+    concurrency: usize,
+    work: &Path,
+) -> anyhow::Result<Stats> {
     let launcher = Arc::new(Launcher::new(LauncherConfig::current_exe())?);
     // The same shape as the executor's: the root as an overlay lower layer.
     let scratch = work.join("bare");
@@ -283,11 +345,19 @@ fn bare_sandbox(root: &Path, runs: usize, concurrency: usize, work: &Path) -> an
                     std::fs::create_dir_all(&wk)?;
                     let t = Instant::now();
                     let req = SandboxRequest::new(
-                        Root::Overlay { lowers: vec![root.clone()], upper, work: wk },
+                        Root::Overlay {
+                            lowers: vec![root.clone()],
+                            upper,
+                            work: wk,
+                        },
                         vec!["/bin/true".into()],
                     );
                     let finished = launcher.spawn(req)?.wait()?;
-                    anyhow::ensure!(finished.outcome.status.success(), "/bin/true failed: {}", finished.outcome.status);
+                    anyhow::ensure!(
+                        finished.outcome.status.success(),
+                        "/bin/true failed: {}",
+                        finished.outcome.status
+                    );
                     finished.release();
                     lat.push(t.elapsed().as_secs_f64() * 1e3);
                 }
@@ -296,7 +366,10 @@ fn bare_sandbox(root: &Path, runs: usize, concurrency: usize, work: &Path) -> an
         .collect();
     let mut all = Vec::new();
     for t in threads {
-        all.extend(t.join().map_err(|_| anyhow::anyhow!("bench thread panicked"))??);
+        all.extend(
+            t.join()
+                .map_err(|_| anyhow::anyhow!("bench thread panicked"))??,
+        );
     }
     Ok(stats(all, started.elapsed()))
 }
@@ -313,7 +386,12 @@ fn bench_staging(work: &Path, files: usize, runs: usize) -> anyhow::Result<Stagi
     let dir = work.join("staging");
     let cache = Arc::new(BlobCache::open(&dir.join("cache"), u64::MAX)?);
     let trash = Arc::new(Trash::start(&dir.join("trash"))?);
-    let stager = Stager::open(Arc::clone(&cache), &dir.join("staged"), Arc::clone(&trash), runs + 2)?;
+    let stager = Stager::open(
+        Arc::clone(&cache),
+        &dir.join("staged"),
+        Arc::clone(&trash),
+        runs + 2,
+    )?;
     let per_dir = 100;
     let mut kiln = Vec::new();
     let mut cp = Vec::new();
@@ -342,7 +420,10 @@ fn bench_staging(work: &Path, files: usize, runs: usize) -> anyhow::Result<Stagi
             sub.files.sort_by(|a, b| a.name.cmp(&b.name));
             let (sd, _) = digest::of_message(&sub);
             dirs.insert(sd.hash.clone(), sub);
-            root.directories.push(DirectoryNode { name: format!("d{d:04}"), digest: Some(sd) });
+            root.directories.push(DirectoryNode {
+                name: format!("d{d:04}"),
+                digest: Some(sd),
+            });
         }
         let (rd, _) = digest::of_message(&root);
         dirs.insert(rd.hash.clone(), root);

@@ -2,7 +2,9 @@
 
 pub mod bench_cas;
 pub mod bench_exec;
+pub mod bench_sandbox;
 pub mod cas;
+pub mod sandbox;
 pub mod serve;
 pub mod worker;
 
@@ -21,14 +23,22 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-/// Logs to stderr; `RUST_LOG` overrides the default level (`info`).
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Logs to stderr at `default` (e.g. `info`, `warn`) unless `RUST_LOG`
+/// says otherwise. libcontainer and libcgroups warn about host features Kiln
+/// does not use; what matters reaches the sandbox outcome's warnings.
+pub fn init_logging_at(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{default},libcontainer=error,libcgroups=error"))
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Logs to stderr at `info` unless `RUST_LOG` says otherwise.
+pub fn init_logging() {
+    init_logging_at("info");
 }
 
 /// Parses sizes such as `4096`, `64K`, `512M`, `16G` (powers of 1024).

@@ -134,10 +134,17 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         // Tests and the benchmark read this line to find a port-0 server.
         println!("kiln: listening on {addr}");
         info!(%addr, data_dir = %config.data_dir().display(), workers = args.workers, "Kiln is up");
-        server
-            .serve(listener, routes.routes(), super::shutdown_signal())
-            .await?;
-        shutdown.cancel();
+        // On a signal, stop the embedded workers and end every worker stream
+        // first: those streams never finish by themselves, and the server
+        // waits for open calls before it closes the storage.
+        let state = std::sync::Arc::clone(&execution.state);
+        let stop = shutdown.clone();
+        let signal = async move {
+            super::shutdown_signal().await;
+            stop.cancel();
+            state.close_workers();
+        };
+        server.serve(listener, routes.routes(), signal).await?;
         for w in workers {
             let _ = w.await;
         }

@@ -13,16 +13,10 @@ const SECBIT_KEEP_CAPS_LOCKED: libc::c_ulong = 1 << 5;
 const SECBIT_NO_CAP_AMBIENT_RAISE: libc::c_ulong = 1 << 6;
 const SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED: libc::c_ulong = 1 << 7;
 
-/// Drops supplementary groups (when the user namespace allows it), every
-/// capability set (bounding, ambient, inheritable, permitted, effective) and
-/// sets `no_new_privs`. Fork-safe: no allocation unless it fails.
-pub(crate) fn drop_all(allow_setgroups: bool, last_cap: libc::c_ulong) -> Result<(), SetupError> {
-    if allow_setgroups {
-        // SAFETY: an empty group list.
-        if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
-            return Err(SetupError::new("setgroups([])", nix::errno::Errno::last()));
-        }
-    }
+/// Drops every capability set (bounding, ambient, inheritable, permitted,
+/// effective) and sets `no_new_privs`. Fork-safe: no allocation unless it
+/// fails.
+pub(crate) fn drop_all(last_cap: libc::c_ulong) -> Result<(), SetupError> {
     // uid 0 inside must not regain capabilities on execve.
     sys::prctl(
         libc::PR_SET_SECUREBITS,

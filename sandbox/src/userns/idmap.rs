@@ -3,10 +3,14 @@
 //! Exactly one id is mapped each way: the requested inside uid/gid to the
 //! helper's own uid/gid outside. Files staged by the worker therefore appear
 //! owned by the sandbox user, and the sandbox holds no other host identity.
-//! The helper (the sandbox's parent, still in the host user namespace) writes
-//! the maps: a privileged helper may then leave `setgroups` allowed (it has
-//! cleared its own supplementary groups), an unprivileged one must deny it
-//! first, as the kernel requires for an unprivileged gid map.
+//!
+//! The sandbox's init writes its own maps, right after `clone3`: a single
+//! line mapping the creator's own id is what the kernel lets any process
+//! write for itself, so the helper need not wait for the child to exist and
+//! the child need not wait for the helper. `setgroups` is denied first (the
+//! kernel's condition for a self-written gid map); a privileged helper has
+//! already cleared its supplementary groups, so there are none to keep, and
+//! without capabilities the command could not change them anyway.
 
 use nix::errno::Errno;
 
@@ -18,8 +22,6 @@ pub(crate) struct IdMap {
     pub inside_gid: u32,
     pub outside_uid: u32,
     pub outside_gid: u32,
-    /// `false` for an unprivileged helper: `/proc/<pid>/setgroups` gets `deny`.
-    pub allow_setgroups: bool,
 }
 
 impl IdMap {
@@ -31,15 +33,14 @@ impl IdMap {
         format!("{} {} 1\n", self.inside_gid, self.outside_gid)
     }
 
-    /// Writes the maps of process `pid`, which must be in a fresh user
-    /// namespace whose parent is ours. Returns which file failed.
-    pub fn write_for(&self, pid: libc::pid_t) -> Result<(), (&'static str, Errno)> {
-        let path = |f: &str| std::ffi::CString::new(format!("/proc/{pid}/{f}")).expect("no NUL");
-        if !self.allow_setgroups {
-            sys::write_file(&path("setgroups"), b"deny").map_err(|e| ("setgroups", e))?;
-        }
-        sys::write_file(&path("uid_map"), self.uid_map().as_bytes()).map_err(|e| ("uid_map", e))?;
-        sys::write_file(&path("gid_map"), self.gid_map().as_bytes()).map_err(|e| ("gid_map", e))?;
+    /// Writes the calling process's own maps; it must be fresh in a user
+    /// namespace its (unchanged) euid/egid created.
+    pub fn write_self(&self) -> Result<(), (&'static str, Errno)> {
+        sys::write_file(c"/proc/self/setgroups", b"deny").map_err(|e| ("setgroups", e))?;
+        sys::write_file(c"/proc/self/uid_map", self.uid_map().as_bytes())
+            .map_err(|e| ("uid_map", e))?;
+        sys::write_file(c"/proc/self/gid_map", self.gid_map().as_bytes())
+            .map_err(|e| ("gid_map", e))?;
         Ok(())
     }
 }
@@ -55,7 +56,6 @@ mod tests {
             inside_gid: 100,
             outside_uid: 65534,
             outside_gid: 65533,
-            allow_setgroups: false,
         };
         assert_eq!(m.uid_map(), "1000 65534 1\n");
         assert_eq!(m.gid_map(), "100 65533 1\n");

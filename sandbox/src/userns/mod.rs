@@ -1,9 +1,9 @@
 //! The user-namespace chroot backend: the sandbox's init process.
 //!
 //! The helper `clone3`s this process straight into new user, mount, PID,
-//! IPC, UTS, cgroup and (unless the network is on) network namespaces, writes
-//! its uid/gid maps, and lets it go. From then on this process — PID 1 of
-//! the sandbox — does everything itself: mounts the root and Kiln's `/dev`,
+//! IPC, UTS, cgroup and (unless the network is on) network namespaces and
+//! lets it go. From then on this process — PID 1 of the sandbox — does
+//! everything itself: writes its uid/gid maps, mounts the root and Kiln's `/dev`,
 //! `/proc`, `/tmp`, `pivot_root`s, reports `Ready` (with fds to its root, its
 //! mount namespace and itself) to the launcher, runs the command as PID 2,
 //! and reports `Finished` after killing everything else.
@@ -39,13 +39,12 @@ pub(crate) struct InitArgs {
     pub action: OwnedFd,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
-    /// Readable once the helper has written our uid/gid maps.
-    pub sync: OwnedFd,
+    /// Our uid/gid maps, which we write ourselves.
+    pub ids: idmap::IdMap,
     /// Mount point for the new root before `pivot_root`.
     pub base: CString,
     /// We own a brand-new network namespace and must bring `lo` up ourselves.
     pub fresh_netns: bool,
-    pub allow_setgroups: bool,
     pub last_cap: libc::c_ulong,
 }
 
@@ -57,7 +56,6 @@ pub(crate) fn init_main(a: InitArgs) -> ! {
         a.action.as_raw_fd(),
         a.stdout.as_raw_fd(),
         a.stderr.as_raw_fd(),
-        a.sync.as_raw_fd(),
         0,
         1,
         2,
@@ -66,13 +64,6 @@ pub(crate) fn init_main(a: InitArgs) -> ! {
     let _ = sys::close_all_except(&keep);
     // If the helper goes, its timeouts go with it: so must we.
     let _ = sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-    let mut b = [0u8; 1];
-    if sys::read(a.sync.as_fd(), &mut b) != Ok(1) {
-        // The helper could not map our ids and reports that itself.
-        sys::exit_now(1);
-    }
-    drop(a.sync);
-
     let action = a.action;
     let report = |r: &Reply, fds: &[std::os::fd::BorrowedFd<'_>]| {
         if protocol::send(action.as_fd(), r, fds).is_err() {
@@ -80,7 +71,12 @@ pub(crate) fn init_main(a: InitArgs) -> ! {
             sys::exit_now(2);
         }
     };
-    let ready = match set_up(&a.req, a.base, a.fresh_netns) {
+    let ready = match a
+        .ids
+        .write_self()
+        .map_err(|(file, e)| SetupError::new(format!("write /proc/self/{file}"), e))
+        .and_then(|()| set_up(&a.req, a.base, a.fresh_netns))
+    {
         Ok(r) => r,
         Err(e) => {
             report(&Reply::Error(e), &[]);
@@ -96,15 +92,9 @@ pub(crate) fn init_main(a: InitArgs) -> ! {
     );
     drop(ready);
 
-    let exec = Exec::new(
-        &a.req.argv,
-        &a.req.env,
-        a.stdout,
-        a.stderr,
-        a.allow_setgroups,
-        a.last_cap,
-    );
-    match init::run_as_init(&exec) {
+    let exec = Exec::new(&a.req.argv, &a.req.env, a.stdout, a.stderr, a.last_cap)
+        .with_cwd(&PathBuf::from("/").join(&a.req.cwd));
+    match init::run_as_init(&exec, Some(mounts::detach_old_root)) {
         Ok((outcome, exec_ns)) => report(
             &Reply::Finished {
                 outcome,
@@ -139,13 +129,6 @@ fn set_up(req: &WireRequest, base: CString, fresh_netns: bool) -> Result<Ready, 
     if fresh_netns {
         sys::loopback_up().map_err(|e| SetupError::new("bring up lo", e))?;
     }
-    let cwd = sys::cpath(&PathBuf::from("/").join(&req.cwd));
-    sys::chdir(&cwd).map_err(|e| {
-        SetupError::new(
-            format!("chdir to working directory /{}", req.cwd.display()),
-            e,
-        )
-    })?;
     // A session of our own: no controlling terminal, so /dev/tty leads nowhere.
     // SAFETY: plain syscall.
     unsafe { libc::setsid() };

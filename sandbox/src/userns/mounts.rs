@@ -94,7 +94,9 @@ fn ordered_subtrees(subtrees: &[Subtree]) -> Vec<Subtree> {
         out.retain(|o| o.path != s.path);
         out.push(s);
     }
-    out.sort_by_key(|s| s.path.components().count());
+    out.sort_by(|a, b| {
+        (a.path.components().count(), &a.path).cmp(&(b.path.components().count(), &b.path))
+    });
     out
 }
 
@@ -500,12 +502,21 @@ impl MountSys for Live {
 }
 
 /// Makes the new root `/` and lets go of the host's tree.
+///
+/// The old root stays stacked on `/` (reachable through `..` from a
+/// subdirectory) until [`detach_old_root`]: nothing may run that is not
+/// Kiln's own code before then.
 pub(crate) fn pivot(root: &OwnedFd) -> Result<(), SetupError> {
     sys::fchdir(root.as_fd()).map_err(err("chdir to the new root".into()))?;
-    sys::pivot_root(c".", c".").map_err(err("pivot_root".into()))?;
-    // The old root is now stacked on "/"; detach it and everything under it.
-    sys::umount2(c".", libc::MNT_DETACH).map_err(err("detach the host root".into()))?;
-    sys::chdir(c"/").map_err(err("chdir /".into()))
+    sys::pivot_root(c".", c".").map_err(err("pivot_root".into()))
+}
+
+/// Detaches the host's tree, stacked on `/` by [`pivot`]. The caller's
+/// working directory must still be the new root. This waits for an RCU
+/// grace period (the kernel frees the mounts after it), so the init does it
+/// while the command's process gets ready, and lets it `execve` only after.
+pub(crate) fn detach_old_root() -> Result<(), SetupError> {
+    sys::umount2(c".", libc::MNT_DETACH).map_err(err("detach the host root".into()))
 }
 
 #[cfg(test)]
@@ -542,8 +553,8 @@ mod tests {
         assert_eq!(
             binds,
             [
-                ("usr", true),
                 ("buildstream-install", false),
+                ("usr", true),
                 ("usr/lib", false)
             ]
         );

@@ -1058,6 +1058,16 @@ impl ExecutionState {
         }
     }
 
+    /// Ends every worker stream (server shutdown): workers reconnect to
+    /// the next server; their running actions carry on meanwhile.
+    pub fn close_workers(&self) {
+        let inner = self.lock();
+        for w in inner.workers.values() {
+            let _ =
+                w.tx.send(Err(Status::unavailable("the server is shutting down")));
+        }
+    }
+
     pub fn totals(&self) -> Totals {
         let inner = self.lock();
         let executing = inner
