@@ -313,7 +313,7 @@ impl Collector<'_> {
             } else {
                 format!("{rel}/{name}")
             };
-            if self.src.mounts.iter().any(|m| *m == child_rel) {
+            if self.src.mounts.contains(&child_rel) {
                 let empty = Directory::default();
                 let (d, bytes) = digest::of_message(&empty);
                 self.upload_bytes(d.clone(), Bytes::from(bytes));
@@ -456,7 +456,7 @@ impl Collector<'_> {
         }
         Some(NodeProperties {
             properties: Vec::new(),
-            mtime: self.spec.mtime.then(|| kiln_proto::protobuf::Timestamp {
+            mtime: self.spec.mtime.then_some(kiln_proto::protobuf::Timestamp {
                 seconds: st.st_mtime,
                 nanos: st.st_mtime_nsec as i32,
             }),

@@ -180,10 +180,11 @@ fn writer(file: File, path: PathBuf, rx: mpsc::Receiver<Record>, fsync: bool) {
         if let Err(e) = w.flush() {
             failed = Some(e);
         }
-        if fsync && failed.is_none() {
-            if let Err(e) = w.get_ref().sync_data() {
-                failed = Some(e);
-            }
+        if fsync
+            && failed.is_none()
+            && let Err(e) = w.get_ref().sync_data()
+        {
+            failed = Some(e);
         }
         if let Some(e) = failed {
             tracing::error!(path = %path.display(), error = %e, "cannot write the operations journal");

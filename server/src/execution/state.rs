@@ -420,28 +420,27 @@ impl ExecutionState {
         tool: String,
     ) -> Result<(String, OpWatch)> {
         let do_not_cache = checked.action.do_not_cache;
-        if !skip_cache_lookup && !do_not_cache {
-            if let Some(result) = self
+        if !skip_cache_lookup
+            && !do_not_cache
+            && let Some(result) = self
                 .ac
                 .get(&checked.instance, &checked.action_digest)
                 .await?
-            {
-                return Ok(self.cached(&checked, result));
-            }
+        {
+            return Ok(self.cached(&checked, result));
         }
         let key = checked.requirements.match_key();
         let mut inner = self.lock();
-        if !do_not_cache {
-            if let Some(name) = inner
+        if !do_not_cache
+            && let Some(name) = inner
                 .inflight
                 .get(&(checked.instance.clone(), checked.action_digest))
                 .cloned()
-                && let Some(op) = inner.ops.get(&name)
-                && op.state != OpState::Completed
-            {
-                tracing::debug!(operation = %name, action = %checked.action_digest, "joined an identical running action");
-                return Ok((name, op.tx.subscribe()));
-            }
+            && let Some(op) = inner.ops.get(&name)
+            && op.state != OpState::Completed
+        {
+            tracing::debug!(operation = %name, action = %checked.action_digest, "joined an identical running action");
+            return Ok((name, op.tx.subscribe()));
         }
         if !self.possible(&inner, &key) {
             let message = self.no_worker_message(&inner, &key);
@@ -913,7 +912,7 @@ impl ExecutionState {
                 self.finish(
                     &mut inner,
                     &done.lease_id,
-                    Finish::Response(status, result.map(|r| (r, message))),
+                    Finish::Response(status, result.map(|r| Box::new((r, message)))),
                     &outcome,
                 );
             }
@@ -939,7 +938,7 @@ impl ExecutionState {
                 o
             }
             Finish::Response(status, result) => {
-                let (result, message) = match result {
+                let (result, message) = match result.map(|b| *b) {
                     Some((r, m)) => (Some(r), m),
                     None => (None, status.message.clone()),
                 };
@@ -1106,7 +1105,7 @@ impl ExecutionState {
     pub fn operations(&self, recent: usize) -> Vec<OpView> {
         let inner = self.lock();
         let mut ops: Vec<&Op> = inner.ops.values().collect();
-        ops.sort_by(|a, b| b.times.queued.cmp(&a.times.queued));
+        ops.sort_by_key(|op| std::cmp::Reverse(op.times.queued));
         let mut finished = 0;
         ops.into_iter()
             .filter(|op| {
@@ -1158,7 +1157,7 @@ impl ExecutionState {
 
 enum Finish {
     Error(rpc::Status),
-    Response(rpc::Status, Option<(ActionResult, String)>),
+    Response(rpc::Status, Option<Box<(ActionResult, String)>>),
 }
 
 impl Op {
