@@ -450,3 +450,99 @@ async fn a_restarted_server_still_answers_wait_execution() {
         b"after-restart\n"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_policies_and_reattaching_to_an_operation() {
+    let root = need_busybox!();
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &["--workers", "1"]);
+    let ch = channel(&server.url()).await;
+    let input = upload_dir(&ch, &root).await;
+
+    // skip_cache_lookup runs again even though the result is cached.
+    let action = ActionSpec::shell(input.clone(), "cat /proc/sys/kernel/random/uuid")
+        .upload(&ch)
+        .await;
+    let (_, first) = run(&ch, &action).await;
+    assert!(!first.cached_result);
+    let (_, hit) = run(&ch, &action).await;
+    assert!(hit.cached_result);
+    let again = finish(execute(&ch, &action, true).await.unwrap()).await;
+    let again = response(&again);
+    assert!(!again.cached_result, "skip_cache_lookup executes");
+    assert_ne!(
+        again.result.unwrap().stdout_digest,
+        first.result.unwrap().stdout_digest,
+        "it really ran again"
+    );
+
+    // do_not_cache: never written to the cache, so never served from it.
+    let mut spec = ActionSpec::shell(input.clone(), "true");
+    spec.do_not_cache = true;
+    let action = spec.upload(&ch).await;
+    run(&ch, &action).await;
+    let (_, second) = run(&ch, &action).await;
+    assert!(!second.cached_result);
+    let mut ac = kiln_proto::reapi::action_cache_client::ActionCacheClient::new(ch.clone());
+    let miss = ac
+        .get_action_result(kiln_proto::reapi::GetActionResultRequest {
+            action_digest: Some(action.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(miss.code(), Code::NotFound);
+
+    // A dropped Execute stream: WaitExecution picks the operation up again.
+    let slow = ActionSpec::shell(input, "sleep 1; echo waited")
+        .upload(&ch)
+        .await;
+    let mut stream = execute(&ch, &slow, false).await.unwrap();
+    let name = stream.message().await.unwrap().unwrap().name;
+    drop(stream);
+    let done = finish(wait(&ch, &name).await.unwrap()).await;
+    assert_eq!(done.name, name);
+    let result = response(&done).result.unwrap();
+    assert_eq!(
+        &read_blob(&ch, result.stdout_digest.as_ref().unwrap()).await[..],
+        b"waited\n"
+    );
+    let err = wait(&ch, "operations/no-such-operation").await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let mut ops = OperationsClient::new(ch.clone());
+    let got = ops
+        .get_operation(GetOperationRequest { name: name.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.done);
+    let listed = ops
+        .list_operations(kiln_proto::longrunning::ListOperationsRequest {
+            filter: "done=true".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.operations.iter().any(|o| o.name == name));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_running_actions_share_one_execution() {
+    let root = need_busybox!();
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &["--workers", "1"]);
+    let ch = channel(&server.url()).await;
+    let input = upload_dir(&ch, &root).await;
+    let action = ActionSpec::shell(input, "sleep 1; cat /proc/sys/kernel/random/uuid")
+        .upload(&ch)
+        .await;
+    let a = execute(&ch, &action, false).await.unwrap();
+    let b = execute(&ch, &action, false).await.unwrap();
+    let (a, b) = tokio::join!(finish(a), finish(b));
+    assert_eq!(a.name, b.name, "the second request joined the first");
+    assert_eq!(
+        response(&a).result.unwrap().stdout_digest,
+        response(&b).result.unwrap().stdout_digest
+    );
+}

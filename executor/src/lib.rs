@@ -24,6 +24,17 @@ pub use error::{Error, Result};
 use kiln_sandbox::{BackendKind, Launcher, LauncherConfig};
 use tokio_util::sync::CancellationToken;
 
+/// Creates the worker's data directory readable by its owner only. With a
+/// privileged worker, an action runs as the host's uid 0 (without
+/// capabilities) and may leave a setuid-root file in its scratch space until
+/// that is deleted: no other user of the host may reach it.
+fn private_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("create data directory", dir, e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io("make the data directory private", dir, e))
+}
+
 /// Builds a worker and runs it in the background until `shutdown` fires.
 /// `launcher` says how to start the sandbox helper (the `kiln` binary
 /// re-executed with its hidden helper argument).
@@ -33,6 +44,7 @@ pub fn start(
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let data = config.data_dir();
+    private_dir(&data)?;
     let trash = Arc::new(trash::Trash::start(&data.join("trash"))?);
     let cache = Arc::new(cache::BlobCache::open(
         &data.join("cache"),

@@ -22,6 +22,8 @@ use crate::userns::{self, idmap::IdMap, netns::NetnsPool};
 
 pub(crate) const CTL_FD_ENV: &str = "KILN_SANDBOX_HELPER_FD";
 pub(crate) const POOL_ENV: &str = "KILN_SANDBOX_NETNS_POOL";
+/// `userns` or `oci`: the backend this helper serves.
+pub(crate) const BACKEND_ENV: &str = "KILN_SANDBOX_BACKEND";
 
 /// Runs the helper; never returns. Call it first thing in `main` when the
 /// process was started with the hidden argument the [`LauncherConfig`]
@@ -62,6 +64,30 @@ struct Helper {
     base: CString,
     last_cap: libc::c_ulong,
     actions: Vec<Action>,
+}
+
+/// Every sandbox starts from a copy of the helper's mount table, and each
+/// mount in it is paid for three times: copied at `clone3`, detached after
+/// `pivot_root`, torn down at the end. Mounts no sandbox of the userns
+/// backend uses (sysfs with its cgroup tree, devpts, mqueue, hugetlbfs) are
+/// dropped once from a namespace of the helper's own: a third of the
+/// per-sandbox cost on a host with a cgroup v1 tree. The namespace is a
+/// slave of the host's, so roots mounted on the host later still show up
+/// here, and nothing done here reaches the host. (The OCI backend keeps the
+/// full table: libcontainer needs /sys/fs/cgroup.)
+fn trim_mount_namespace() -> Result<(), Errno> {
+    // SAFETY: plain syscalls in a single-threaded process.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(Errno::last());
+        }
+    }
+    sys::mount(None, c"/", None, libc::MS_REC | libc::MS_SLAVE, None)?;
+    for target in [c"/sys", c"/dev/pts", c"/dev/mqueue", c"/dev/hugepages"] {
+        // SAFETY: plain syscall; absent mount points are fine.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+    Ok(())
 }
 
 /// Whether this process holds CAP_SETUID and CAP_SETGID in its user namespace.
@@ -111,6 +137,13 @@ impl Helper {
         sys::reset_signals();
         // SAFETY: ignoring a signal is always valid.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+        if privileged && std::env::var(BACKEND_ENV).as_deref() == Ok("userns") {
+            if let Err(e) = trim_mount_namespace() {
+                tracing::warn!("sandbox helper: could not trim its mount namespace: {e}");
+            }
+        }
+        // Looked up once here; every sandbox forked from us inherits it.
+        let _ = userns::mounts::proc_entry_exists("sys");
         let pool = if pool_size > 0 {
             NetnsPool::new(pool_size)
         } else {

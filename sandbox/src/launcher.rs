@@ -13,7 +13,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 
 use crate::error::{Result, SandboxError};
-use crate::helper::{CTL_FD_ENV, POOL_ENV};
+use crate::helper::{BACKEND_ENV, CTL_FD_ENV, POOL_ENV};
 use crate::outcome::Outcome;
 use crate::protocol::{self, KilledBy, Received, Reply, WireRequest};
 use crate::request::{BackendKind, SandboxRequest, Stdio};
@@ -86,6 +86,13 @@ fn start_helper(cfg: &LauncherConfig) -> Result<HelperProc> {
     cmd.args(&cfg.args)
         .env(CTL_FD_ENV, fd.to_string())
         .env(POOL_ENV, cfg.netns_pool.to_string())
+        .env(
+            BACKEND_ENV,
+            match cfg.backend {
+                BackendKind::Userns => "userns",
+                BackendKind::Oci => "oci",
+            },
+        )
         .stdin(std::process::Stdio::null());
     // SAFETY: only fcntl, which is async-signal-safe, runs between fork and exec.
     unsafe {

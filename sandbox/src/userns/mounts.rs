@@ -49,6 +49,25 @@ pub(crate) const PROC_MASKED_FILES: [&str; 5] = [
 pub(crate) const PROC_MASKED_DIRS: [&str; 3] = ["acpi", "scsi", "asound"];
 pub(crate) const PROC_READ_ONLY: [&str; 5] = ["sys", "sysrq-trigger", "irq", "bus", "fs"];
 
+/// Which of the `/proc` entries above this kernel has. A fresh `/proc` shows
+/// the same global entries as the host's, so the helper looks once at start
+/// (the sandboxes it forks inherit the answer) and no sandbox spends mount
+/// calls on entries that cannot exist.
+pub(crate) fn proc_entry_exists(name: &str) -> bool {
+    static PRESENT: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    PRESENT
+        .get_or_init(|| {
+            PROC_MASKED_FILES
+                .iter()
+                .chain(&PROC_MASKED_DIRS)
+                .chain(&PROC_READ_ONLY)
+                .copied()
+                .filter(|n| Path::new("/proc").join(n).symlink_metadata().is_ok())
+                .collect()
+        })
+        .contains(&name)
+}
+
 const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,13 +161,19 @@ pub(crate) fn plan(root: &Root, cwd: &Path, subtrees: &[Subtree]) -> Vec<Op> {
     // CAP_SYS_ADMIN again, so it cannot mount, unmount Kiln's masks or ptrace
     // across a namespace boundary. Must precede making /proc/sys read-only.
     ops.push(Op::WriteProc("sys/user/max_user_namespaces", "0"));
-    for f in PROC_MASKED_FILES {
+    for f in PROC_MASKED_FILES
+        .into_iter()
+        .filter(|f| proc_entry_exists(f))
+    {
         ops.push(Op::MaskProcFile(f));
     }
-    for d in PROC_MASKED_DIRS {
+    for d in PROC_MASKED_DIRS
+        .into_iter()
+        .filter(|d| proc_entry_exists(d))
+    {
         ops.push(Op::MaskProcDir(d));
     }
-    for p in PROC_READ_ONLY {
+    for p in PROC_READ_ONLY.into_iter().filter(|p| proc_entry_exists(p)) {
         ops.push(Op::ProcReadOnly(p));
     }
     ops
