@@ -137,10 +137,11 @@ impl Helper {
         sys::reset_signals();
         // SAFETY: ignoring a signal is always valid.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-        if privileged && std::env::var(BACKEND_ENV).as_deref() == Ok("userns") {
-            if let Err(e) = trim_mount_namespace() {
-                tracing::warn!("sandbox helper: could not trim its mount namespace: {e}");
-            }
+        if privileged
+            && std::env::var(BACKEND_ENV).as_deref() == Ok("userns")
+            && let Err(e) = trim_mount_namespace()
+        {
+            tracing::warn!("sandbox helper: could not trim its mount namespace: {e}");
         }
         // Looked up once here; every sandbox forked from us inherits it.
         let _ = userns::mounts::proc_entry_exists("sys");
