@@ -1222,3 +1222,159 @@ fn unix_ns() -> i64 {
         .unwrap_or_default()
         .as_nanos() as i64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::Storage;
+    use kiln_proto::worker::server_message::Kind;
+
+    type WorkerRx = mpsc::UnboundedReceiver<std::result::Result<ServerMessage, Status>>;
+
+    async fn state(config: ExecutionConfig) -> ExecutionState {
+        let storage = Storage::in_memory(None).await;
+        ExecutionState::new(config, storage.action_cache.clone(), Journal::disabled())
+    }
+
+    fn hello(id: &str, isa: &str) -> Hello {
+        Hello {
+            worker_id: id.into(),
+            hostname: "test".into(),
+            platform: vec![
+                Property {
+                    name: "OSFamily".into(),
+                    value: "linux".into(),
+                },
+                Property {
+                    name: "ISA".into(),
+                    value: isa.into(),
+                },
+            ],
+            slots: 1,
+            ..Default::default()
+        }
+    }
+
+    fn checked(isa: &str, seed: &str) -> CheckedAction {
+        let action = kiln_proto::reapi::Action {
+            salt: seed.as_bytes().to_vec(),
+            ..Default::default()
+        };
+        let (digest, bytes) = Digest::of_message(&action);
+        CheckedAction {
+            instance: String::new(),
+            action_digest: digest,
+            action,
+            action_bytes: Bytes::from(bytes),
+            command_bytes: Bytes::new(),
+            requirements: platform::Requirements::parse(
+                [("OSFamily", "linux"), ("ISA", isa)],
+                false,
+            )
+            .unwrap(),
+            properties: vec![("ISA".into(), isa.into())],
+            timeout: None,
+        }
+    }
+
+    fn join(s: &ExecutionState, id: &str) -> (u64, WorkerRx) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let conn = s.worker_joined(&hello(id, "x86-64"), tx).unwrap();
+        (conn, rx)
+    }
+
+    /// The next lease sent to a worker, skipping other messages.
+    fn next_lease(rx: &mut WorkerRx) -> Option<Lease> {
+        while let Ok(m) = rx.try_recv() {
+            if let Ok(ServerMessage {
+                kind: Some(Kind::Lease(l)),
+            }) = m
+            {
+                return Some(l);
+            }
+        }
+        None
+    }
+
+    fn final_status(rx: &OpWatch) -> Option<rpc::Status> {
+        let op = rx.borrow().clone();
+        match &op.result {
+            Some(operation::Result::Response(any)) => {
+                ExecuteResponse::decode(any.value.as_slice())
+                    .unwrap()
+                    .status
+            }
+            Some(operation::Result::Error(s)) => Some(s.clone()),
+            None => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_lost_too_often_fails_clearly() {
+        let s = state(ExecutionConfig {
+            max_attempts: 2,
+            ..Default::default()
+        })
+        .await;
+        let (conn, mut rx) = join(&s, "w1");
+        let (name, watch) = s
+            .submit(checked("x86-64", "a"), false, 0, String::new())
+            .await
+            .unwrap();
+        assert_eq!(next_lease(&mut rx).unwrap().attempt, 1);
+        s.worker_left("w1", conn, "test");
+        let (conn, mut rx) = join(&s, "w2");
+        assert_eq!(
+            next_lease(&mut rx).unwrap().attempt,
+            2,
+            "re-queued to the next worker"
+        );
+        s.worker_left("w2", conn, "test");
+        let status = final_status(&watch).expect("finished after the last attempt");
+        assert_eq!(status.code, Code::Unavailable as i32);
+        assert!(status.message.contains("2 time(s)"), "{}", status.message);
+        assert!(s.get(&name).unwrap().done);
+    }
+
+    #[tokio::test]
+    async fn a_stale_worker_stream_never_removes_its_reconnection() {
+        let s = state(ExecutionConfig::default()).await;
+        let (old_conn, _old) = join(&s, "w1");
+        let (_new_conn, _new) = join(&s, "w1");
+        s.worker_left("w1", old_conn, "old stream ended late");
+        assert_eq!(s.totals().workers, 1);
+    }
+
+    #[tokio::test]
+    async fn platforms_nobody_offers_fail_now_but_wait_during_the_grace() {
+        let s = state(ExecutionConfig::default()).await;
+        // Before any worker ever joined: queued (workers are still coming).
+        let (_, early) = s
+            .submit(checked("aarch64", "early"), false, 0, String::new())
+            .await
+            .unwrap();
+        assert!(!early.borrow().done);
+        let (conn, _rx) = join(&s, "w1");
+        // Now an x86-64 worker exists and nobody offers aarch64: refused.
+        let err = s
+            .submit(checked("aarch64", "late"), false, 0, String::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)));
+        assert!(err.to_string().contains("ISA=aarch64"), "{err}");
+        // The early one is failed by housekeeping, not left queued forever.
+        s.tick();
+        assert_eq!(
+            final_status(&early).unwrap().code,
+            Code::FailedPrecondition as i32
+        );
+        // A worker that left recently keeps its platform possible.
+        s.worker_left("w1", conn, "test");
+        let (_, queued) = s
+            .submit(checked("x86-64", "after-loss"), false, 0, String::new())
+            .await
+            .unwrap();
+        s.tick();
+        assert!(!queued.borrow().done, "waits for the worker to come back");
+    }
+}

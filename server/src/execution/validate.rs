@@ -233,3 +233,64 @@ async fn check_tree(
     }
     Ok(missing)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn action_with_timeout(secs: i64) -> Action {
+        Action {
+            timeout: Some(kiln_proto::protobuf::Duration {
+                seconds: secs,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn timeouts_respect_the_server_maximum() {
+        let config = ExecutionConfig {
+            max_action_timeout_secs: 60,
+            default_action_timeout_secs: 30,
+            ..Default::default()
+        };
+        assert_eq!(
+            effective_timeout(&action_with_timeout(10), &config).unwrap(),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            effective_timeout(&Action::default(), &config).unwrap(),
+            Some(Duration::from_secs(30)),
+            "no timeout asked: the server default"
+        );
+        let err = effective_timeout(&action_with_timeout(61), &config).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)));
+        assert!(err.to_string().contains("maximum"), "{err}");
+    }
+
+    #[test]
+    #[allow(deprecated)]
+    fn commands_that_escape_or_are_empty_are_invalid() {
+        let mut cmd = Command {
+            arguments: vec!["/bin/true".into()],
+            working_directory: "src".into(),
+            output_files: vec!["../out/a.o".into()],
+            ..Default::default()
+        };
+        assert!(check_command(&cmd).is_ok(), "stays inside the root");
+        cmd.output_files = vec!["../../a.o".into()];
+        assert!(
+            check_command(&cmd)
+                .unwrap_err()
+                .to_string()
+                .contains("../../a.o")
+        );
+        cmd.output_files.clear();
+        cmd.working_directory = "/abs".into();
+        assert!(check_command(&cmd).is_err());
+        cmd.working_directory.clear();
+        cmd.arguments.clear();
+        assert!(check_command(&cmd).is_err());
+    }
+}
