@@ -259,7 +259,10 @@ impl Executor {
                     trust_inodes,
                 },
             );
-            finished.release();
+            // Dropped, not released: the sandbox's mount namespace is torn
+            // down on a background thread, so the result goes out without
+            // waiting for the kernel to unmount it all.
+            drop(finished);
             let stdout = log_blob(&cache, &stdout_path)?;
             let stderr = log_blob(&cache, &stderr_path)?;
             Ok((collected?, stdout, stderr))

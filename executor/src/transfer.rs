@@ -94,6 +94,11 @@ pub async fn upload_missing(
     cache: &Arc<BlobCache>,
     uploads: Vec<Upload>,
 ) -> Result<u64> {
+    // The empty blob is always present: never ask about it.
+    let uploads: Vec<Upload> = uploads
+        .into_iter()
+        .filter(|u| u.digest().size_bytes > 0)
+        .collect();
     if uploads.is_empty() {
         return Ok(0);
     }
