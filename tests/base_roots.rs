@@ -71,7 +71,8 @@ fn oci_layout(dir: &Path, layers: &[(Vec<u8>, &str)]) {
         std::fs::write(blobs.join(&h), data).unwrap();
         (format!("sha256:{h}"), data.len())
     };
-    let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
     let (config_digest, config_size) = put(config);
     let layer_descs: Vec<String> = layers
         .iter()
@@ -213,8 +214,7 @@ async fn oci_layouts_and_tarballs_are_unpacked_once_and_never_changed() {
         // first one left it.
         for round in 0..2 {
             let mut spec = ActionSpec::shell(root_digest.clone(), SCRIPT);
-            spec.platform
-                .push(("container-image".into(), image.into()));
+            spec.platform.push(("container-image".into(), image.into()));
             spec.salt = format!("{image}-{round}").into_bytes();
             let (_, resp) = run(&ch, &spec.upload(&ch).await).await;
             let status = resp.status.clone().unwrap_or_default();
@@ -250,14 +250,16 @@ async fn oci_layouts_and_tarballs_are_unpacked_once_and_never_changed() {
 
     // A plain rootfs directory still works as before.
     let mut spec = ActionSpec::shell(root_digest.clone(), "cat /from-input");
-    spec.platform.push(("container-image".into(), "plain".into()));
+    spec.platform
+        .push(("container-image".into(), "plain".into()));
     let (_, resp) = run(&ch, &spec.upload(&ch).await).await;
     assert_eq!(resp.result.unwrap().exit_code, 0);
 
     // An image whose layer reaches outside the root is refused, and
     // nothing lands outside the worker's image cache.
     let mut spec = ActionSpec::shell(root_digest.clone(), "true");
-    spec.platform.push(("container-image".into(), "evil".into()));
+    spec.platform
+        .push(("container-image".into(), "evil".into()));
     let (_, resp) = run(&ch, &spec.upload(&ch).await).await;
     let status = resp.status.unwrap_or_default();
     assert_eq!(status.code, Code::FailedPrecondition as i32, "{status:?}");

@@ -87,7 +87,12 @@ fn bazel_available() -> bool {
 }
 
 fn copy_tree(from: &Path, to: &Path) {
-    let status = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
     assert!(status.success());
 }
 
@@ -108,7 +113,10 @@ fn bazel_builds_and_tests_remotely_then_everything_comes_from_the_cache() {
     let server = serve(tmp.path(), &["--workers", "1"]);
     let started = Instant::now();
     let base = kiln_cas_upload_dir(&server.url(), &gcc);
-    eprintln!("pushed the gcc base root ({base}) in {:?}", started.elapsed());
+    eprintln!(
+        "pushed the gcc base root ({base}) in {:?}",
+        started.elapsed()
+    );
 
     let mut flags: Vec<String> = [
         "--color=no",
@@ -148,8 +156,14 @@ fn bazel_builds_and_tests_remotely_then_everything_comes_from_the_cache() {
     let summary = processes_line(&log);
     eprintln!("bazel test //... remote, cold: {cold:?} ({summary})");
     assert!(summary.contains("remote"), "{log}");
-    assert!(!summary.contains("linux-sandbox") && !summary.contains("local"), "{log}");
-    assert!(log.contains("//:answer_test") && log.contains("PASSED"), "{log}");
+    assert!(
+        !summary.contains("linux-sandbox") && !summary.contains("local"),
+        "{log}"
+    );
+    assert!(
+        log.contains("//:answer_test") && log.contains("PASSED"),
+        "{log}"
+    );
 
     // The outputs came back from Kiln and are what the actions made.
     let bin = workspace.join("bazel-bin");

@@ -232,7 +232,10 @@ fn bst_failed_builds_keep_outputs_and_an_impossible_arch_fails_fast() {
     let (out, _) = bst.run(&["build", "fails.bst"]);
     let log = text(&out);
     assert!(!out.status.success(), "fails.bst must fail:\n{log}");
-    assert!(log.contains("about to fail"), "the build log reaches bst:\n{log}");
+    assert!(
+        log.contains("about to fail"),
+        "the build log reaches bst:\n{log}"
+    );
     let partial = bst.checkout("fails.bst");
     assert_eq!(
         read(&partial.join("partial/file")),

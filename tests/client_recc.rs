@@ -38,11 +38,7 @@ fn file(name: &str, data: &[u8], blobs: &mut Vec<(Digest, Vec<u8>)>) -> FileNode
     }
 }
 
-fn dir(
-    name: &str,
-    d: Directory,
-    blobs: &mut Vec<(Digest, Vec<u8>)>,
-) -> DirectoryNode {
+fn dir(name: &str, d: Directory, blobs: &mut Vec<(Digest, Vec<u8>)>) -> DirectoryNode {
     let (digest, bytes) = directory(&d);
     blobs.push((digest.clone(), bytes));
     DirectoryNode {
@@ -101,7 +97,10 @@ async fn recc_compile(
     let mut batch: Vec<batch_update_blobs_request::Request> = Vec::new();
     let mut batch_bytes = 0;
     let mut batches = 0;
-    let todo: Vec<_> = blobs.into_iter().filter(|(d, _)| missing.contains(d)).collect();
+    let todo: Vec<_> = blobs
+        .into_iter()
+        .filter(|(d, _)| missing.contains(d))
+        .collect();
     for (i, (d, data)) in todo.iter().enumerate() {
         batch_bytes += data.len();
         batch.push(batch_update_blobs_request::Request {
@@ -172,7 +171,10 @@ async fn recc_compile_on_a_pushed_base_root() {
         ..Default::default()
     };
     let src = Directory {
-        directories: vec![dir("app", app, &mut blobs), dir("include", include, &mut blobs)],
+        directories: vec![
+            dir("app", app, &mut blobs),
+            dir("include", include, &mut blobs),
+        ],
         ..Default::default()
     };
     let root = Directory {

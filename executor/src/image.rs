@@ -357,6 +357,27 @@ fn parent_dirs(root: &Path, rel: &Path, layer: &Path) -> Result<PathBuf> {
     Ok(root.join(rel))
 }
 
+/// `rel` inside `root` if every component of it is a real directory;
+/// `None` if one is missing or not a directory; an error if one is a
+/// symlink (which could point anywhere on the worker).
+fn existing_dir(root: &Path, rel: &Path, layer: &Path) -> Result<Option<PathBuf>> {
+    let mut at = root.to_path_buf();
+    for c in rel.components() {
+        at.push(c);
+        match fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(bad(
+                    layer,
+                    format!("whiteout in {} goes through a symlink", rel.display()),
+                ));
+            }
+            _ => return Ok(None),
+        }
+    }
+    Ok(Some(at))
+}
+
 fn remove_any(path: &Path) -> Result<()> {
     let r = match fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => fs::remove_dir_all(path),
@@ -382,14 +403,13 @@ fn apply_whiteouts<R: Read>(mut archive: tar::Archive<R>, root: &Path, layer: &P
         let Some(hidden) = name.strip_prefix(".wh.") else {
             continue;
         };
-        let rel = clean(&raw).ok_or_else(|| bad(layer, format!("member {raw:?} leaves the root")))?;
+        let rel =
+            clean(&raw).ok_or_else(|| bad(layer, format!("member {raw:?} leaves the root")))?;
         let dir_rel = rel.parent().unwrap_or(Path::new(""));
-        // Whiteouts of directories the layers below never made are no-ops;
-        // only make sure we stay inside the root on the way there.
-        let dir = parent_dirs(root, &dir_rel.join("x"), layer)?
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| root.to_path_buf());
+        // Whiteouts in directories the layers below never made are no-ops.
+        let Some(dir) = existing_dir(root, dir_rel, layer)? else {
+            continue;
+        };
         if hidden == ".wh..opq" {
             if let Ok(list) = fs::read_dir(&dir) {
                 for e in list.flatten() {
@@ -431,7 +451,11 @@ impl DirModes {
 /// a privileged worker should not hold setuid-root files an image chose.
 const MODE_MASK: u32 = 0o1777;
 
-fn apply_layer<R: Read>(mut archive: tar::Archive<R>, root: &Path, layer: &Path) -> Result<DirModes> {
+fn apply_layer<R: Read>(
+    mut archive: tar::Archive<R>,
+    root: &Path,
+    layer: &Path,
+) -> Result<DirModes> {
     let mut modes = DirModes::default();
     let entries = archive
         .entries()
@@ -449,7 +473,8 @@ fn apply_layer<R: Read>(mut archive: tar::Archive<R>, root: &Path, layer: &Path)
         {
             continue;
         }
-        let rel = clean(&raw).ok_or_else(|| bad(layer, format!("member {raw:?} leaves the root")))?;
+        let rel =
+            clean(&raw).ok_or_else(|| bad(layer, format!("member {raw:?} leaves the root")))?;
         let mode = entry.header().mode().unwrap_or(0o644) & MODE_MASK;
         let kind = entry.header().entry_type();
         if rel.as_os_str().is_empty() {
@@ -513,7 +538,13 @@ mod tests {
     use super::*;
 
     /// A tar member with any name, also ones `tar::Builder` refuses.
-    fn member(b: &mut tar::Builder<Vec<u8>>, name: &str, kind: tar::EntryType, link: &str, data: &[u8]) {
+    fn member(
+        b: &mut tar::Builder<Vec<u8>>,
+        name: &str,
+        kind: tar::EntryType,
+        link: &str,
+        data: &[u8],
+    ) {
         let mut h = tar::Header::new_old();
         let bytes = name.as_bytes();
         h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
@@ -575,7 +606,10 @@ mod tests {
         assert_eq!(fs::read(root.join("etc/kept")).unwrap(), b"new");
         assert!(!root.join("opq/old").exists());
         assert_eq!(fs::read(root.join("opq/new")).unwrap(), b"y");
-        assert_eq!(fs::read_link(root.join("lib64")).unwrap(), Path::new("/lib"));
+        assert_eq!(
+            fs::read_link(root.join("lib64")).unwrap(),
+            Path::new("/lib")
+        );
         use std::os::unix::fs::MetadataExt;
         assert_eq!(
             fs::metadata(root.join("bin/ash")).unwrap().ino(),
@@ -586,18 +620,34 @@ mod tests {
 
     #[test]
     fn members_cannot_leave_the_root() {
-        for bad_layer in [
+        for (i, bad_layer) in [
             layer(&[("../escape", T::Regular, "", b"x")]),
             layer(&[("a/../../escape", T::Regular, "", b"x")]),
-            layer(&[("link", T::Symlink, "/tmp", b""), ("link/escape", T::Regular, "", b"x")]),
+            layer(&[
+                ("link", T::Symlink, "/tmp", b""),
+                ("link/escape", T::Regular, "", b"x"),
+            ]),
             layer(&[("hard", T::Link, "../../etc/passwd", b"")]),
-            layer(&[("link", T::Symlink, "..", b""), ("link/.wh.x", T::Regular, "", b"")]),
-        ] {
-            let (d, r) = unpack(&[bad_layer]);
-            let err = r.expect_err("an escaping member is refused").to_string();
+            // A whiteout through a symlink a lower layer made.
+            layer(&[("link", T::Symlink, "..", b"")]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut layers = vec![bad_layer];
+            if i == 4 {
+                layers.push(layer(&[("link/.wh.escape", T::Regular, "", b"")]));
+            }
+            let (d, r) = unpack(&layers);
+            let err = r
+                .expect_err(&format!("escaping layer {i} refused"))
+                .to_string();
             assert!(err.contains("root") || err.contains("symlink"), "{err}");
             assert!(!d.path().join("escape").exists());
-            assert!(!d.path().join("cache/key").exists(), "nothing half-done is kept");
+            assert!(
+                !d.path().join("cache/key").exists(),
+                "nothing half-done is kept"
+            );
         }
     }
 

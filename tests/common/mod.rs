@@ -68,7 +68,11 @@ pub fn kiln_cas_upload_dir(url: &str, dir: &Path) -> String {
         .stderr(Stdio::inherit())
         .output()
         .expect("run kiln cas upload-dir");
-    assert!(out.status.success(), "kiln cas upload-dir {} failed", dir.display());
+    assert!(
+        out.status.success(),
+        "kiln cas upload-dir {} failed",
+        dir.display()
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
