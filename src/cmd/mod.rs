@@ -4,6 +4,7 @@ pub mod bench_cas;
 pub mod bench_exec;
 pub mod bench_sandbox;
 pub mod cas;
+pub mod health;
 pub mod sandbox;
 pub mod serve;
 pub mod worker;
