@@ -84,12 +84,29 @@ fn wait_limited(mut child: Child, limit: Duration, what: &str) -> Output {
     }
 }
 
+/// stdout and stderr, without terminal colour codes (the images set
+/// NO_COLOR, but a log is grepped here either way).
 fn text(out: &Output) -> String {
-    format!(
+    let raw = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    )
+    );
+    let mut plain = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI sequences end with a letter.
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
 }
 
 /// One compose project: every command gets the same files, project name and
@@ -408,9 +425,8 @@ fn compose_stack_serves_buildstream_through_worker_loss_and_server_restart() {
     stack.wait_joined(killed, 2, Duration::from_secs(120));
     let t = Instant::now();
     stack.must(&["restart", "server"], Duration::from_secs(120));
-    let healthy = stack.wait_healthy(Duration::from_secs(120));
+    stack.wait_healthy(Duration::from_secs(120));
     eprintln!("server restarted, healthy again in {:?}", t.elapsed());
-    let _ = healthy;
     let survivor = if killed == "worker-1" {
         "worker-2"
     } else {
