@@ -342,15 +342,13 @@ code {{ font: 12px ui-monospace, monospace; }}
 
     // Queues.
     h.push_str("<h2>Queues</h2>\n");
-    let queues: Vec<(String, usize)> = state
-        .queues()
-        .into_iter()
-        .filter(|(_, n)| *n > 0)
-        .collect();
+    let queues: Vec<(String, usize)> = state.queues().into_iter().filter(|(_, n)| *n > 0).collect();
     if queues.is_empty() {
         h.push_str("<p>Nothing is waiting.</p>\n");
     } else {
-        h.push_str("<table><tr><th>Platform</th><th>Queued</th><th>Why the first one waits</th></tr>\n");
+        h.push_str(
+            "<table><tr><th>Platform</th><th>Queued</th><th>Why the first one waits</th></tr>\n",
+        );
         for (platform, n) in &queues {
             let why = ops
                 .iter()
@@ -433,7 +431,10 @@ mod tests {
 
     #[test]
     fn escapes_and_formats() {
-        assert_eq!(esc("<a href=\"x\">&</a>"), "&lt;a href=&quot;x&quot;&gt;&amp;&lt;/a&gt;");
+        assert_eq!(
+            esc("<a href=\"x\">&</a>"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&lt;/a&gt;"
+        );
         assert_eq!(dur(Duration::from_millis(1500)), "1.50 s");
         assert_eq!(dur(Duration::from_micros(250)), "250 µs");
         assert_eq!(dur(Duration::from_secs(125)), "2 min 5 s");

@@ -1425,7 +1425,12 @@ mod tests {
         // A worker that left recently keeps its platform possible.
         s.worker_left("w1", conn, "test");
         let (_, queued) = s
-            .submit(checked("x86-64", "after-loss"), false, 0, ClientInfo::default())
+            .submit(
+                checked("x86-64", "after-loss"),
+                false,
+                0,
+                ClientInfo::default(),
+            )
             .await
             .unwrap();
         s.tick();
