@@ -36,7 +36,9 @@ pub struct WorkerConfig {
     /// detected. Default: none.
     pub platform: Vec<String>,
     /// Base root filesystems offered as `container-image`, by name: a
-    /// directory holding a root filesystem. Default: none.
+    /// directory holding a root filesystem, an OCI image layout directory,
+    /// or an OCI / `docker save` tarball (unpacked on first use into the
+    /// data directory's `images/`, once). Default: none.
     pub images: BTreeMap<String, PathBuf>,
     /// Let actions that ask for `network=on` use the host's network.
     /// Default: false (they are refused by the scheduler).

@@ -10,6 +10,7 @@ pub mod cas;
 pub mod collect;
 pub mod config;
 pub mod error;
+pub mod image;
 pub mod run;
 pub mod stage;
 pub mod transfer;
@@ -81,7 +82,7 @@ pub fn start(
         })?;
         platform.push((k.to_string(), v.to_string()));
     }
-    let bases = base::BaseRoots::new(config.images.clone());
+    let bases = base::BaseRoots::new(config.images.clone(), data.join("images"));
     let identity = worker::WorkerIdentity {
         worker_id: worker_id.clone(),
         hostname,

@@ -22,7 +22,9 @@ pub struct CasArgs {
 /// What to do.
 #[derive(clap::Subcommand, Debug)]
 pub enum CasCommand {
-    /// Upload a directory tree; prints its root Directory digest (HASH/SIZE).
+    /// Upload a directory tree; prints its root Directory digest (HASH/SIZE),
+    /// e.g. a base root filesystem for `chrootRootDigest`.
+    #[command(alias = "upload")]
     UploadDir {
         /// The directory.
         dir: PathBuf,

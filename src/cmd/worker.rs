@@ -37,7 +37,8 @@ pub struct WorkerFlags {
     /// and ISA are detected.
     #[arg(long = "platform", value_name = "NAME=VALUE")]
     pub platform: Vec<String>,
-    /// A base root filesystem offered as container-image, NAME=DIRECTORY
+    /// A base root filesystem offered as container-image, NAME=PATH: a rootfs
+    /// directory, an OCI image layout, or an OCI/docker-save tarball
     /// (repeatable).
     #[arg(long = "image", value_name = "NAME=DIR")]
     pub images: Vec<String>,
@@ -84,7 +85,7 @@ impl WorkerFlags {
         for image in &self.images {
             let (name, dir) = image
                 .split_once('=')
-                .with_context(|| format!("--image {image:?} is not NAME=DIRECTORY"))?;
+                .with_context(|| format!("--image {image:?} is not NAME=PATH"))?;
             config.images.insert(name.to_string(), PathBuf::from(dir));
         }
         if self.network {

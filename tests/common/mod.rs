@@ -25,21 +25,55 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_kiln");
 
 /// The busybox root the test scripts build (scripts/fixtures).
 pub fn busybox_root() -> Option<PathBuf> {
+    fixture("busybox", "bin/busybox")
+}
+
+/// The top of the repository.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Says loudly that a test is skipped and why; in CI (`CI=true`), where
+/// the test command installs everything, a skip is a failure instead.
+pub fn skip(why: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{why} in CI: run scripts/install-test-deps");
+    }
+    eprintln!("\n======== skipped: {why} ========\n");
+}
+
+/// A root filesystem built by scripts/fixtures (`busybox`, `tcc`, `gcc`),
+/// if its `marker` file is there.
+pub fn fixture(name: &str, marker: &str) -> Option<PathBuf> {
     let base = std::env::var_os("KILN_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/fixtures"));
-    let root = base.join("busybox");
-    if root.join("bin/busybox").exists() {
+        .unwrap_or_else(|| repo_root().join(".cache/fixtures"));
+    let root = base.join(name);
+    if root.join(marker).exists() && root.join(".done").exists() {
         return Some(root);
     }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("the busybox fixture is missing in CI: run scripts/fixtures");
-    }
-    eprintln!(
-        "skipped: busybox fixture missing at {} (run scripts/fixtures)",
+    skip(&format!(
+        "the {name} fixture is missing at {} (run scripts/fixtures)",
         root.display()
-    );
+    ));
     None
+}
+
+/// Uploads a directory the way a user pushes a base root filesystem: with
+/// `kiln cas upload-dir`. Returns the root Directory digest, HASH/SIZE.
+pub fn kiln_cas_upload_dir(url: &str, dir: &Path) -> String {
+    let out = Command::new(BIN)
+        .args(["cas", "--server", url, "upload-dir"])
+        .arg(dir)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run kiln cas upload-dir");
+    assert!(
+        out.status.success(),
+        "kiln cas upload-dir {} failed",
+        dir.display()
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 /// A `kiln` process (server, worker) killed when dropped.
