@@ -109,7 +109,7 @@ impl Config {
             let location = inner
                 .span()
                 .map(|s| {
-                    let line = text[..s.start].lines().count().max(1);
+                    let line = text[..s.start].matches('\n').count() + 1;
                     format!(" (line {line})")
                 })
                 .unwrap_or_default();
@@ -301,7 +301,8 @@ mod tests {
         assert!(msg.contains("storage.max_size_bytes"), "{msg}");
         let e = Config::from_toml("[worker]\nslotz = 3\n").unwrap_err();
         let msg = format!("{e:#}");
-        assert!(msg.contains("worker") && msg.contains("slotz"), "{msg}");
+        assert!(msg.contains("`worker.slotz`"), "{msg}");
+        assert!(msg.contains("(line 2)"), "{msg}");
         let e = Config::from_toml("[log]\nformat = \"xml\"\n").unwrap_err();
         assert!(format!("{e:#}").contains("log.format"), "{e:#}");
         let e = Config::from_toml("[worker]\nslots = 0\n").unwrap_err();

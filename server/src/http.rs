@@ -288,9 +288,9 @@ code {{ font: 12px ui-monospace, monospace; }}
         return h;
     };
     let totals = state.totals();
-    let _ = write!(
+    let _ = writeln!(
         h,
-        "<span>Workers: <b>{}</b> ({} slots)</span><span>Executing: <b>{}</b></span><span>Queued: <b>{}</b></span></p>\n",
+        "<span>Workers: <b>{}</b> ({} slots)</span><span>Executing: <b>{}</b></span><span>Queued: <b>{}</b></span></p>",
         totals.workers, totals.slots, totals.executing, totals.queued
     );
 

@@ -1,5 +1,6 @@
 //! `kiln serve`: the gRPC endpoint.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -157,8 +158,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         // Tests and the benchmark read this line to find a port-0 server.
         println!("kiln: listening on {addr}");
         if let Some((maddr, listener)) = metrics {
-            // Printed after the gRPC line, which existing readers expect first.
-            println!("kiln: metrics on {maddr}");
+            // Printed after the gRPC line, which existing readers expect
+            // first; some stop reading after it, so a closed pipe is fine.
+            let _ = writeln!(std::io::stdout(), "kiln: metrics on {maddr}");
             info!(addr = %maddr, "metrics and status page: http://{maddr}/");
             let source = http::StatusSource {
                 execution: Some(std::sync::Arc::clone(&execution.state)),

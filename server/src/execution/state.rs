@@ -678,7 +678,9 @@ impl ExecutionState {
             details: Vec::new(),
         };
         self.finish(&mut inner, name, Finish::Error(status), "cancelled");
-        tracing::info!(operation = %name, "cancelled");
+        if let Some(op) = inner.ops.get(name) {
+            tracing::info!(operation = %name, action = %op.action_digest, "cancelled");
+        }
         Ok(())
     }
 
@@ -844,7 +846,7 @@ impl ExecutionState {
         op.times.stages.clear();
         op.publish(ExecStage::Queued, None);
         let (key, rank) = (op.key.clone(), op.rank);
-        tracing::warn!(operation = %name, worker, "re-queued after its worker was lost");
+        tracing::warn!(operation = %name, action = %op.action_digest, worker, "re-queued after its worker was lost");
         if let Some(a) = inner.scheduler.enqueue(name, key, rank) {
             self.dispatch(inner, a);
         }
@@ -901,7 +903,7 @@ impl ExecutionState {
             match self.ac.put(instance, action, r).await {
                 Ok(c) => cached = c,
                 Err(e) => {
-                    tracing::warn!(action = %action, error = %e, "could not write the action cache")
+                    tracing::warn!(operation = %done.lease_id, action = %action, error = %e, "could not write the action cache")
                 }
             }
         }
@@ -1064,7 +1066,7 @@ impl ExecutionState {
             .collect();
         for name in unclaimed {
             if let Some(op) = inner.ops.get_mut(&name) {
-                tracing::warn!(operation = %name, "no worker claimed this running operation after the restart; queueing it again");
+                tracing::warn!(operation = %name, action = %op.action_digest, "no worker claimed this running operation after the restart; queueing it again");
                 op.state = OpState::Queued;
                 op.publish(ExecStage::Queued, None);
                 let (key, rank) = (op.key.clone(), op.rank);
