@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod config;
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +28,11 @@ enum Command {
     Sandbox(cmd::sandbox::SandboxCommand),
     /// Talk to a server's CAS: upload a directory, download a tree, cat a blob.
     Cas(cmd::cas::CasArgs),
+    /// Exit 0 if a server answers GetCapabilities (container healthchecks).
+    Health(cmd::health::HealthArgs),
+    /// The configuration file: print the default one, check one.
+    #[command(subcommand)]
+    Config(cmd::config::ConfigCommand),
     /// Benchmarks, each printed against baselines measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -57,6 +63,8 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => cmd::serve::run(args),
         Command::Worker(args) => cmd::worker::run(args),
         Command::Cas(args) => cmd::cas::run(args),
+        Command::Health(args) => cmd::health::run(args),
+        Command::Config(c) => cmd::config::run(c),
         // The command's own exit code, or 125 when Kiln itself failed (as
         // docker and podman do), with the error on one line.
         Command::Sandbox(c) => {

@@ -17,7 +17,7 @@ pub enum SandboxBackend {
     Oci,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
     /// The server to join (`kiln worker`). Default: `http://127.0.0.1:50051`.

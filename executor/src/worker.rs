@@ -257,7 +257,13 @@ fn start_lease(shared: &Arc<Shared>, lease: Lease) {
         running.insert(lease.lease_id.clone(), token.clone());
     }
     let shared = Arc::clone(shared);
-    tokio::spawn(async move {
+    // Every line logged while this lease runs names its operation and
+    // action, so one grep follows an action through the worker.
+    let action = kiln_proto::reapi::Digest::decode(lease.action_digest.as_slice())
+        .map(|d| format!("{}/{}", d.hash, d.size_bytes))
+        .unwrap_or_default();
+    let span = tracing::info_span!("action", operation = %lease.lease_id, action = %action);
+    let task = async move {
         let lease_id = lease.lease_id.clone();
         let progress_shared = Arc::clone(&shared);
         let progress_id = lease_id.clone();
@@ -272,6 +278,14 @@ fn start_lease(shared: &Arc<Shared>, lease: Lease) {
                 })));
         };
         let (outcome, timings) = shared.exec.execute(&lease, progress, token).await;
+        let us = |d: std::time::Duration| d.as_micros() as u64;
+        let wire_timings = kiln_proto::worker::Timings {
+            fetch_us: us(timings.fetch),
+            stage_us: us(timings.stage),
+            sandbox_setup_us: us(timings.sandbox_setup),
+            run_us: us(timings.run),
+            upload_us: us(timings.upload),
+        };
         tracing::info!(
             lease = %lease_id,
             code = outcome.status.code,
@@ -291,6 +305,7 @@ fn start_lease(shared: &Arc<Shared>, lease: Lease) {
                 .map(|r| r.encode_to_vec())
                 .unwrap_or_default(),
             message: outcome.message,
+            timings: Some(wire_timings),
         };
         shared.running.lock().expect("running").remove(&lease_id);
         shared
@@ -298,7 +313,8 @@ fn start_lease(shared: &Arc<Shared>, lease: Lease) {
             .lock()
             .expect("outbox")
             .send_reliable(msg(worker_message::Kind::Done(done)));
-    });
+    };
+    tokio::spawn(tracing::Instrument::instrument(task, span));
 }
 
 fn msg(kind: worker_message::Kind) -> WorkerMessage {

@@ -87,7 +87,40 @@ fn trim_mount_namespace() -> Result<(), Errno> {
         // SAFETY: plain syscall; absent mount points are fine.
         unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
     }
+    unmount_below_proc();
     Ok(())
+}
+
+/// Drops every mount stacked below `/proc` in the helper's namespace.
+/// Container engines mask `/proc` paths (`/proc/kcore`, a read-only
+/// `/proc/sys`, …) by mounting over them; a sandbox's new user namespace
+/// would inherit those as locked mounts, and the kernel refuses a fresh
+/// `proc` mount while every visible one is partly covered that way. Docker
+/// can lift the masks itself (`systempaths=unconfined`), but docker-compose
+/// 1.29 cannot ask for that. Sandboxes get their own `/proc` with Kiln's
+/// masks, so nothing is exposed by this; on a host it only hides
+/// binfmt_misc and the like from the helper.
+fn unmount_below_proc() {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<&str> = table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with("/proc/"))
+        .collect();
+    // Deepest first, so a mount is never detached before one below it; a
+    // path listed twice (stacked mounts) is unmounted once per entry.
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for point in points {
+        // mountinfo escapes spaces and such as \ooo; /proc paths have none,
+        // and a name that does not convert is just left alone.
+        let Ok(path) = CString::new(point) else {
+            continue;
+        };
+        // SAFETY: plain syscall on a NUL-terminated path.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+    }
 }
 
 /// Whether this process holds CAP_SETUID and CAP_SETGID in its user namespace.

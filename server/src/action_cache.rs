@@ -191,10 +191,9 @@ impl ActionCacheService {
         self.instances.check(&req.instance_name)?;
         check_digest_function(req.digest_function)?;
         let action = Digest::from_field(req.action_digest.as_ref(), "action_digest")?;
-        let mut result = self
-            .cache
-            .get(&req.instance_name, &action)
-            .await?
+        let found = self.cache.get(&req.instance_name, &action).await?;
+        crate::metrics::global().cache_lookup("get_action_result", found.is_some());
+        let mut result = found
             .ok_or_else(|| Error::NotFound(format!("no cached result for action {action}")))?;
         self.inline(&mut result, &req).await?;
         Ok(result)

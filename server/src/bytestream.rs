@@ -280,6 +280,9 @@ impl Inner {
             }
         }
         let wire_len = data.len() as i64;
+        crate::metrics::global()
+            .cas_received_bytes
+            .inc_by(data.len() as u64);
         let plain = match state.decoder.as_mut() {
             None => Bytes::from(data),
             Some(dec) => Bytes::from(dec.feed(&data)?),
@@ -319,6 +322,9 @@ fn plain_stream(reader: BlobReader, limit: u64, chunk: usize) -> ReadStream {
         match reader.next_chunk(want).await {
             Ok(Some(data)) => {
                 let left = left - data.len() as u64;
+                crate::metrics::global()
+                    .cas_sent_bytes
+                    .inc_by(data.len() as u64);
                 Some((
                     Ok(ReadResponse {
                         data: Vec::from(data),
@@ -384,6 +390,9 @@ fn zstd_stream(
             if take > 0 {
                 st.sent_any = true;
                 let data = rest[..take].to_vec();
+                crate::metrics::global()
+                    .cas_sent_bytes
+                    .inc_by(data.len() as u64);
                 return Some((Ok(ReadResponse { data }), Some(st)));
             }
         }

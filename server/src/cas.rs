@@ -131,6 +131,9 @@ impl CasService {
         }
         let digests: Vec<Option<kiln_proto::reapi::Digest>> =
             req.requests.iter().map(|r| r.digest.clone()).collect();
+        crate::metrics::global()
+            .cas_received_bytes
+            .inc_by(req.requests.iter().map(|r| r.data.len() as u64).sum());
         let zstd = self.zstd;
         let prepare_all = move || -> Vec<Result<VerifiedBlob>> {
             req.requests.into_iter().map(|r| prepare(r, zstd)).collect()
@@ -219,6 +222,9 @@ impl CasService {
             resp.status = Some(status);
             responses.push(resp);
         }
+        crate::metrics::global()
+            .cas_sent_bytes
+            .inc_by(responses.iter().map(|r| r.data.len() as u64).sum());
         Ok(BatchReadBlobsResponse { responses })
     }
 

@@ -189,6 +189,7 @@ impl KilnServer {
         };
         let serving = self
             .transport()
+            .layer(crate::metrics::RpcMetricsLayer)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, signal);
         tokio::pin!(serving);

@@ -4,6 +4,8 @@ pub mod bench_cas;
 pub mod bench_exec;
 pub mod bench_sandbox;
 pub mod cas;
+pub mod health;
+pub mod config;
 pub mod sandbox;
 pub mod serve;
 pub mod worker;
@@ -27,13 +29,34 @@ pub async fn shutdown_signal() {
 /// says otherwise. libcontainer and libcgroups warn about host features Kiln
 /// does not use; what matters reaches the sandbox outcome's warnings.
 pub fn init_logging_at(default: &str) {
+    init_logging_with(default, crate::config::LogFormat::Human);
+}
+
+/// Logs to stderr in `format` at the filter `level` unless `RUST_LOG` says
+/// otherwise. Spans (an RPC with the client's tool and invocation id, an
+/// action with its digest and operation) appear on every line inside them:
+/// as `span{field=value}:` prefixes in human form, as `span` and `spans`
+/// objects in JSON.
+pub fn init_logging_with(level: &str, format: crate::config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("{default},libcontainer=error,libcgroups=error"))
+        tracing_subscriber::EnvFilter::new(format!("{level},libcontainer=error,libcgroups=error"))
     });
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        crate::config::LogFormat::Human => builder.try_init(),
+        crate::config::LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .try_init(),
+    };
+}
+
+/// Logs per the config file's `[log]` table.
+pub fn init_logging_from(log: &crate::config::LogConfig) {
+    init_logging_with(&log.level, log.format);
 }
 
 /// Logs to stderr at `info` unless `RUST_LOG` says otherwise.

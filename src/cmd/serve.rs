@@ -1,24 +1,27 @@
 //! `kiln serve`: the gRPC endpoint.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use kiln_executor::WorkerConfig;
 use kiln_proto::longrunning::operations_server::OperationsServer;
 use kiln_proto::reapi::execution_server::ExecutionServer;
 use kiln_proto::worker::workers_server::WorkersServer;
 use kiln_sandbox::LauncherConfig;
 use kiln_server::config::Backend;
 use kiln_server::execution::Execution;
-use kiln_server::{KilnServer, ServerConfig};
+use kiln_server::{KilnServer, http};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
+
+use crate::config::{Config, LogFormat};
 
 /// Flags of `kiln serve`; each overrides the config file.
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// TOML configuration file (see docs/storage.md for every field).
+    /// TOML configuration file (docs/configuration.md; `kiln config
+    /// print-default` prints one).
     #[arg(long, short = 'c', env = "KILN_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:50051; port 0 picks one].
@@ -41,8 +44,15 @@ pub struct ServeArgs {
     pub fsync: bool,
     /// Workers embedded in this process, each with its own cache under the
     /// data directory; 0 for a pure server [default: 1].
-    #[arg(long, default_value_t = 1)]
-    pub workers: usize,
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Serve /metrics and the status page on this address (port 0 picks
+    /// one) [default: off].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log format [default: human].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
     /// Flags for the embedded workers, as for `kiln worker`.
     #[command(flatten)]
     pub worker: super::worker::WorkerFlags,
@@ -50,11 +60,8 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     /// The configuration: file (if any), then flags.
-    pub fn config(&self) -> anyhow::Result<ServerConfig> {
-        let mut config = match &self.config {
-            Some(p) => ServerConfig::from_file(p)?,
-            None => ServerConfig::default(),
-        };
+    pub fn config(&self) -> anyhow::Result<Config> {
+        let mut config = Config::load(self.config.as_deref())?;
         if let Some(l) = self.listen {
             config.listen = l;
         }
@@ -73,6 +80,16 @@ impl ServeArgs {
         if self.fsync {
             config.storage.fsync = true;
         }
+        if let Some(n) = self.workers {
+            config.workers = n;
+        }
+        if let Some(a) = self.metrics_listen {
+            config.metrics.listen = Some(a);
+        }
+        if let Some(f) = self.log_format {
+            config.log.format = f;
+        }
+        self.worker.apply(&mut config.worker)?;
         config.validate()?;
         Ok(config)
     }
@@ -80,8 +97,9 @@ impl ServeArgs {
 
 /// Runs the server (and its embedded workers) until SIGINT or SIGTERM.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    super::init_logging();
-    let config = args.config()?;
+    let full = args.config()?;
+    super::init_logging_from(&full.log);
+    let config = full.server();
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
         let server = KilnServer::open(config.clone())
@@ -113,10 +131,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             );
 
         let shutdown = CancellationToken::new();
+        let metrics = match full.metrics.listen {
+            Some(a) => {
+                let l = http::bind(a).await?;
+                Some((l.local_addr()?, l))
+            }
+            None => None,
+        };
         let mut workers = Vec::new();
-        for i in 0..args.workers {
-            let mut wc = WorkerConfig::default();
-            args.worker.apply(&mut wc)?;
+        for i in 0..full.workers {
+            let mut wc = full.worker.clone();
             // Embedded workers talk to this very endpoint over loopback,
             // through the same protocol as remote ones.
             let host = if addr.ip().is_unspecified() {
@@ -133,7 +157,28 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
         // Tests and the benchmark read this line to find a port-0 server.
         println!("kiln: listening on {addr}");
-        info!(%addr, data_dir = %config.data_dir().display(), workers = args.workers, "Kiln is up");
+        if let Some((maddr, listener)) = metrics {
+            // Printed after the gRPC line, which existing readers expect
+            // first; some stop reading after it, so a closed pipe is fine.
+            let _ = writeln!(std::io::stdout(), "kiln: metrics on {maddr}");
+            info!(addr = %maddr, "metrics and status page: http://{maddr}/");
+            let source = http::StatusSource {
+                execution: Some(std::sync::Arc::clone(&execution.state)),
+                storage: server.storage().clone(),
+                recent_operations: full.metrics.recent_operations,
+                started: std::time::Instant::now(),
+                grpc_addr: Some(addr),
+            };
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) =
+                    http::serve(listener, source, async move { stop.cancelled().await }).await
+                {
+                    tracing::error!(error = %e, "the metrics server stopped");
+                }
+            });
+        }
+        info!(%addr, data_dir = %config.data_dir().display(), workers = full.workers, "Kiln is up");
         // On a signal, stop the embedded workers and end every worker stream
         // first: those streams never finish by themselves, and the server
         // waits for open calls before it closes the storage.

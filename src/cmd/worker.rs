@@ -9,6 +9,13 @@ use tokio_util::sync::CancellationToken;
 /// Flags of `kiln worker`; each overrides the config file's `[worker]`.
 #[derive(clap::Args, Debug, Default)]
 pub struct WorkerArgs {
+    /// TOML configuration file; `kiln worker` reads its `[worker]` and
+    /// `[log]` tables (docs/configuration.md).
+    #[arg(long, short = 'c', env = "KILN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log format [default: human].
+    #[arg(long, value_enum)]
+    pub log_format: Option<crate::config::LogFormat>,
     /// The server to join [default: http://127.0.0.1:50051].
     #[arg(long)]
     pub server: Option<String>,
@@ -96,8 +103,12 @@ impl WorkerFlags {
 
 /// Runs a worker until SIGINT or SIGTERM.
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
-    super::init_logging();
-    let mut config = WorkerConfig::default();
+    let mut file = crate::config::Config::load(args.config.as_deref())?;
+    if let Some(f) = args.log_format {
+        file.log.format = f;
+    }
+    super::init_logging_from(&file.log);
+    let mut config = file.worker;
     args.apply(&mut config)?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {

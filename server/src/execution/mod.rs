@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use service::{ExecutionService, OperationsService};
-pub use state::{ExecutionState, OpTimes, OpView, Totals, WorkerView};
+pub use state::{ClientInfo, ExecutionState, OpTimes, OpView, Totals, WorkerView};
 pub use workers::WorkersService;
 
 use crate::action_cache::ActionCache;

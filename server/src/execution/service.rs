@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 use crate::instances::Instances;
 use crate::storage::Cas;
 
-use super::state::{ExecutionState, OpWatch};
+use super::state::{ClientInfo, ExecutionState, OpWatch};
 use super::validate::{self, ValidTrees};
 
 /// Long executions re-send their current state this often, so idle-stream
@@ -90,12 +90,17 @@ impl Execution for ExecutionService {
         &self,
         request: Request<ExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
-        let tool = request_metadata(&request)
-            .and_then(|m| m.tool_details)
-            .map(|t| {
-                format!("{} {}", t.tool_name, t.tool_version)
-                    .trim()
-                    .to_string()
+        let client = request_metadata(&request)
+            .map(|m| ClientInfo {
+                tool: m
+                    .tool_details
+                    .map(|t| {
+                        format!("{} {}", t.tool_name, t.tool_version)
+                            .trim()
+                            .to_string()
+                    })
+                    .unwrap_or_default(),
+                invocation: m.tool_invocation_id,
             })
             .unwrap_or_default();
         let req = request.into_inner();
@@ -104,7 +109,7 @@ impl Execution for ExecutionService {
         let priority = req.execution_policy.map_or(0, |p| p.priority);
         let (_, rx) = self
             .state
-            .submit(checked, req.skip_cache_lookup, priority, tool)
+            .submit(checked, req.skip_cache_lookup, priority, client)
             .await?;
         Ok(Response::new(stream(rx)))
     }

@@ -13,7 +13,7 @@ use kiln_proto::reapi::execution_stage::Value as ExecStage;
 use kiln_proto::reapi::{ActionResult, ExecuteOperationMetadata, ExecuteResponse};
 use kiln_proto::rpc;
 use kiln_proto::worker::{
-    Cancel, Done, Hello, Lease, Ping, Progress, Property, ServerMessage, Stage, Welcome,
+    Cancel, Done, Hello, Lease, Ping, Progress, Property, ServerMessage, Stage, Timings, Welcome,
     server_message,
 };
 use prost::Message;
@@ -58,6 +58,17 @@ pub struct OpTimes {
     pub completed: Option<Instant>,
     /// When each worker stage began (fetch, stage, run, upload).
     pub stages: Vec<(Stage, Instant)>,
+    /// The phase durations the worker reported with the result.
+    pub reported: Option<Timings>,
+}
+
+/// Who asked for an operation, from the client's `RequestMetadata`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientInfo {
+    /// `tool_name tool_version`, e.g. `bazel 7.4.0`.
+    pub tool: String,
+    /// The tool's invocation id (one build).
+    pub invocation: String,
 }
 
 pub(crate) struct Op {
@@ -77,7 +88,7 @@ pub(crate) struct Op {
     tx: watch::Sender<Arc<Operation>>,
     pub times: OpTimes,
     pub outcome: String,
-    pub tool: String,
+    pub client: ClientInfo,
 }
 
 struct WorkerConn {
@@ -113,7 +124,7 @@ pub struct OpView {
     pub times: OpTimes,
     pub outcome: String,
     pub wait_reason: Option<String>,
-    pub tool: String,
+    pub client: ClientInfo,
 }
 
 #[derive(Default)]
@@ -259,9 +270,10 @@ impl ExecutionState {
                     started: None,
                     completed: None,
                     stages: Vec::new(),
+                    reported: None,
                 },
                 outcome: String::new(),
-                tool: String::new(),
+                client: ClientInfo::default(),
             };
             if let Some(done) = completed.remove(&q.name) {
                 op.state = OpState::Completed;
@@ -317,9 +329,10 @@ impl ExecutionState {
                         started: None,
                         completed: Some(now),
                         stages: Vec::new(),
+                        reported: None,
                     },
                     outcome: "completed before the server restarted".into(),
-                    tool: String::new(),
+                    client: ClientInfo::default(),
                 },
             );
             inner.completed.push_back((now, name));
@@ -417,17 +430,18 @@ impl ExecutionState {
         checked: CheckedAction,
         skip_cache_lookup: bool,
         priority: i32,
-        tool: String,
+        client: ClientInfo,
     ) -> Result<(String, OpWatch)> {
         let do_not_cache = checked.action.do_not_cache;
-        if !skip_cache_lookup
-            && !do_not_cache
-            && let Some(result) = self
+        if !skip_cache_lookup && !do_not_cache {
+            let found = self
                 .ac
                 .get(&checked.instance, &checked.action_digest)
-                .await?
-        {
-            return Ok(self.cached(&checked, result));
+                .await?;
+            crate::metrics::global().cache_lookup("execute", found.is_some());
+            if let Some(result) = found {
+                return Ok(self.cached(&checked, result, client));
+            }
         }
         let key = checked.requirements.match_key();
         let mut inner = self.lock();
@@ -470,9 +484,10 @@ impl ExecutionState {
                 started: None,
                 completed: None,
                 stages: Vec::new(),
+                reported: None,
             },
             outcome: String::new(),
-            tool,
+            client,
         };
         op.publish(ExecStage::Queued, None);
         let rx = op.tx.subscribe();
@@ -498,12 +513,19 @@ impl ExecutionState {
         if let Some(a) = inner.scheduler.enqueue(&name, key, rank) {
             self.dispatch(&mut inner, a);
         }
-        tracing::info!(operation = %name, action = %checked.action_digest, "queued");
+        if let Some(op) = inner.ops.get(&name) {
+            tracing::info!(operation = %name, action = %checked.action_digest, platform = %op.key, tool = %op.client.tool, invocation = %op.client.invocation, "queued");
+        }
         Ok((name, rx))
     }
 
     /// A completed operation for an action-cache hit.
-    fn cached(&self, checked: &CheckedAction, result: ActionResult) -> (String, OpWatch) {
+    fn cached(
+        &self,
+        checked: &CheckedAction,
+        result: ActionResult,
+        client: ClientInfo,
+    ) -> (String, OpWatch) {
         let name = format!("operations/{}", uuid::Uuid::new_v4());
         let response = ExecuteResponse {
             result: Some(result),
@@ -540,10 +562,16 @@ impl ExecutionState {
                 started: None,
                 completed: Some(now),
                 stages: Vec::new(),
+                reported: None,
             },
             outcome: "action cache hit".into(),
-            tool: String::new(),
+            client,
         };
+        crate::metrics::global()
+            .actions
+            .with_label_values(&["cache_hit"])
+            .inc();
+        tracing::info!(operation = %name, action = %checked.action_digest, tool = %op.client.tool, invocation = %op.client.invocation, "answered from the action cache");
         let mut inner = self.lock();
         inner.ops.insert(name.clone(), op);
         inner.completed.push_back((now, name.clone()));
@@ -559,7 +587,9 @@ impl ExecutionState {
         op.state = OpState::Executing {
             worker: a.worker.clone(),
         };
-        op.times.started = Some(Instant::now());
+        let now = Instant::now();
+        crate::metrics::global().phase("queued", now - op.times.queued);
+        op.times.started = Some(now);
         op.publish(ExecStage::Executing, None);
         let lease = Lease {
             lease_id: op.name.clone(),
@@ -586,7 +616,7 @@ impl ExecutionState {
                 worker: a.worker.clone(),
                 attempt: op.attempt,
             }));
-        tracing::info!(operation = %op.name, action = %op.action_digest, worker = %a.worker, attempt = op.attempt, "dispatched");
+        tracing::info!(operation = %op.name, action = %op.action_digest, worker = %a.worker, attempt = op.attempt, tool = %op.client.tool, invocation = %op.client.invocation, "dispatched");
         let sent = inner.workers.get(&a.worker).is_some_and(|w| {
             w.tx.send(Ok(server_msg(server_message::Kind::Lease(lease))))
                 .is_ok()
@@ -648,7 +678,9 @@ impl ExecutionState {
             details: Vec::new(),
         };
         self.finish(&mut inner, name, Finish::Error(status), "cancelled");
-        tracing::info!(operation = %name, "cancelled");
+        if let Some(op) = inner.ops.get(name) {
+            tracing::info!(operation = %name, action = %op.action_digest, "cancelled");
+        }
         Ok(())
     }
 
@@ -814,7 +846,7 @@ impl ExecutionState {
         op.times.stages.clear();
         op.publish(ExecStage::Queued, None);
         let (key, rank) = (op.key.clone(), op.rank);
-        tracing::warn!(operation = %name, worker, "re-queued after its worker was lost");
+        tracing::warn!(operation = %name, action = %op.action_digest, worker, "re-queued after its worker was lost");
         if let Some(a) = inner.scheduler.enqueue(name, key, rank) {
             self.dispatch(inner, a);
         }
@@ -871,7 +903,7 @@ impl ExecutionState {
             match self.ac.put(instance, action, r).await {
                 Ok(c) => cached = c,
                 Err(e) => {
-                    tracing::warn!(action = %action, error = %e, "could not write the action cache")
+                    tracing::warn!(operation = %done.lease_id, action = %action, error = %e, "could not write the action cache")
                 }
             }
         }
@@ -905,6 +937,18 @@ impl ExecutionState {
                     ),
                     (_, code) => format!("{:?}: {}", Code::from(code), status.message),
                 };
+                if let Some(t) = &done.timings
+                    && let Some(op) = inner.ops.get_mut(&done.lease_id)
+                {
+                    let m = crate::metrics::global();
+                    let us = Duration::from_micros;
+                    m.phase("fetch", us(t.fetch_us));
+                    m.phase("stage", us(t.stage_us));
+                    m.phase("sandbox_setup", us(t.sandbox_setup_us));
+                    m.phase("run", us(t.run_us));
+                    m.phase("upload", us(t.upload_us));
+                    op.times.reported = Some(*t);
+                }
                 let mut message = done.message.clone();
                 if message.is_empty() && status.code != 0 {
                     message = status.message.clone();
@@ -929,6 +973,18 @@ impl ExecutionState {
         op.state = OpState::Completed;
         op.times.completed = Some(Instant::now());
         op.outcome = outcome.to_string();
+        let class = match &how {
+            Finish::Error(s) if s.code == Code::Cancelled as i32 => "cancelled",
+            Finish::Error(_) => "error",
+            Finish::Response(s, _) if s.code == Code::DeadlineExceeded as i32 => "timeout",
+            Finish::Response(s, Some(r)) if s.code == 0 && r.0.exit_code == 0 => "success",
+            Finish::Response(s, Some(_)) if s.code == 0 => "exit_nonzero",
+            Finish::Response(..) => "error",
+        };
+        crate::metrics::global()
+            .actions
+            .with_label_values(&[class])
+            .inc();
         let operation = match how {
             Finish::Error(status) => {
                 let mut o =
@@ -965,7 +1021,7 @@ impl ExecutionState {
             }));
         op.tx.send_replace(Arc::new(operation));
         let key = (op.instance.clone(), op.action_digest);
-        tracing::info!(operation = %name, action = %op.action_digest, outcome, "completed");
+        tracing::info!(operation = %name, action = %op.action_digest, outcome, tool = %op.client.tool, invocation = %op.client.invocation, "completed");
         if inner.inflight.get(&key).is_some_and(|n| n == name) {
             inner.inflight.remove(&key);
         }
@@ -1010,7 +1066,7 @@ impl ExecutionState {
             .collect();
         for name in unclaimed {
             if let Some(op) = inner.ops.get_mut(&name) {
-                tracing::warn!(operation = %name, "no worker claimed this running operation after the restart; queueing it again");
+                tracing::warn!(operation = %name, action = %op.action_digest, "no worker claimed this running operation after the restart; queueing it again");
                 op.state = OpState::Queued;
                 op.publish(ExecStage::Queued, None);
                 let (key, rank) = (op.key.clone(), op.rank);
@@ -1139,7 +1195,7 @@ impl ExecutionState {
                         "all {slots} slot(s) of the {workers} matching worker(s) are busy; {ahead} action(s) ahead"
                     ),
                 }),
-                tool: op.tool.clone(),
+                client: op.client.clone(),
             })
             .collect()
     }
@@ -1318,7 +1374,7 @@ mod tests {
         .await;
         let (conn, mut rx) = join(&s, "w1");
         let (name, watch) = s
-            .submit(checked("x86-64", "a"), false, 0, String::new())
+            .submit(checked("x86-64", "a"), false, 0, ClientInfo::default())
             .await
             .unwrap();
         assert_eq!(next_lease(&mut rx).unwrap().attempt, 1);
@@ -1350,14 +1406,14 @@ mod tests {
         let s = state(ExecutionConfig::default()).await;
         // Before any worker ever joined: queued (workers are still coming).
         let (_, early) = s
-            .submit(checked("aarch64", "early"), false, 0, String::new())
+            .submit(checked("aarch64", "early"), false, 0, ClientInfo::default())
             .await
             .unwrap();
         assert!(!early.borrow().done);
         let (conn, _rx) = join(&s, "w1");
         // Now an x86-64 worker exists and nobody offers aarch64: refused.
         let err = s
-            .submit(checked("aarch64", "late"), false, 0, String::new())
+            .submit(checked("aarch64", "late"), false, 0, ClientInfo::default())
             .await
             .unwrap_err();
         assert!(matches!(err, Error::FailedPrecondition(_)));
@@ -1371,7 +1427,12 @@ mod tests {
         // A worker that left recently keeps its platform possible.
         s.worker_left("w1", conn, "test");
         let (_, queued) = s
-            .submit(checked("x86-64", "after-loss"), false, 0, String::new())
+            .submit(
+                checked("x86-64", "after-loss"),
+                false,
+                0,
+                ClientInfo::default(),
+            )
             .await
             .unwrap();
         s.tick();

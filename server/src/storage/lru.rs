@@ -410,6 +410,10 @@ async fn evict<S: BlobStore>(shared: &Shared, inner: &S) {
             break;
         }
         evicted += victims.len() as u64;
+        let m = crate::metrics::global();
+        m.cas_evicted_blobs.inc_by(victims.len() as u64);
+        m.cas_evicted_bytes
+            .inc_by(victims.iter().map(|v| v.size()).sum());
         shared
             .removals
             .fetch_add(victims.len() as u64, Ordering::Relaxed);
