@@ -483,3 +483,59 @@ fn compose_stack_serves_buildstream_through_worker_loss_and_server_restart() {
     assert!(left.is_empty(), "left behind after down: {left:?}");
     eprintln!("compose stack test passed in {:?}", total.elapsed());
 }
+
+/// `kiln health`, the stack's healthcheck, without Docker: 0 and one line
+/// for a live server, an error naming the server for a port nobody serves.
+#[test]
+fn kiln_health_tells_a_live_server_from_a_dead_port() {
+    use std::io::{BufRead, BufReader};
+    let data = tempfile::tempdir().unwrap();
+    let mut server = Command::new(KILN)
+        .args([
+            "serve",
+            "--workers",
+            "0",
+            "--memory",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(data.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut addr = String::new();
+    let mut reader = BufReader::new(server.stdout.take().unwrap());
+    let mut line = String::new();
+    while reader.read_line(&mut line).unwrap() > 0 {
+        if let Some(a) = line.trim().strip_prefix("kiln: listening on ") {
+            addr = a.to_string();
+            break;
+        }
+        line.clear();
+    }
+    assert!(!addr.is_empty(), "kiln serve never said where it listens");
+
+    let live = run_limited(
+        Command::new(KILN).args(["health", "--server", &format!("http://{addr}")]),
+        Duration::from_secs(30),
+    );
+    assert!(live.status.success(), "{}", text(&live));
+    assert!(text(&live).contains("is serving (execution enabled)"));
+
+    let _ = server.kill();
+    let _ = server.wait();
+    let dead = run_limited(
+        Command::new(KILN).args([
+            "health",
+            "--timeout",
+            "2",
+            "--server",
+            &format!("http://{addr}"),
+        ]),
+        Duration::from_secs(30),
+    );
+    assert!(!dead.status.success(), "health passed for a dead server");
+    assert!(text(&dead).contains(&addr), "{}", text(&dead));
+}
