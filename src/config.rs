@@ -267,7 +267,8 @@ backend = "userns"
 netns_pool = 8
 
 # Base root filesystems offered as the container-image property:
-# NAME = "DIRECTORY".
+# NAME = "PATH" (a root filesystem directory, an OCI image layout or an
+# OCI/docker-save tarball).
 [worker.images]
 
 [metrics]

@@ -422,6 +422,14 @@ fn an_invalid_config_file_is_a_startup_error_naming_the_field() {
             "{text:?}: error does not name {key}: {stderr}"
         );
         assert!(stderr.contains("kiln.toml"), "names the file: {stderr}");
+        // So does `kiln worker`, which reads the same file.
+        let worker = Command::new(BIN)
+            .args(["worker", "--config"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(!worker.status.success(), "kiln worker accepted {text:?}");
+        assert!(String::from_utf8_lossy(&worker.stderr).contains(key));
         // `kiln config check` says the same.
         let check = Command::new(BIN)
             .args(["config", "check"])
