@@ -331,21 +331,7 @@ async fn a_killed_worker_loses_nothing_the_action_completes_elsewhere() {
     let dir = tempfile::tempdir().unwrap();
     let server = serve(dir.path(), &["--workers", "0"]);
     let url = server.url();
-    let w1dir = dir.path().join("w1");
-    let w2dir = dir.path().join("w2");
-    let mut w1 = Proc::start(
-        &[
-            "worker",
-            "--server",
-            &url,
-            "--slots",
-            "1",
-            "--data-dir",
-            w1dir.to_str().unwrap(),
-        ],
-        &dir.path().join("w1.log"),
-        false,
-    );
+    let mut w1 = worker(dir.path(), "w1", &url, 1);
     let ch = channel(&url).await;
     let input = upload_dir(&ch, &root).await;
     let action = ActionSpec::shell(input, "sleep 2; echo survived")
@@ -362,19 +348,7 @@ async fn a_killed_worker_loses_nothing_the_action_completes_elsewhere() {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     w1.kill();
-    let _w2 = Proc::start(
-        &[
-            "worker",
-            "--server",
-            &url,
-            "--slots",
-            "1",
-            "--data-dir",
-            w2dir.to_str().unwrap(),
-        ],
-        &dir.path().join("w2.log"),
-        false,
-    );
+    let _w2 = worker(dir.path(), "w2", &url, 1);
     let done = tokio::time::timeout(Duration::from_secs(60), finish(stream))
         .await
         .expect("completed");
@@ -399,20 +373,7 @@ async fn a_restarted_server_still_answers_wait_execution() {
     let mut server = serve(dir.path(), &["--workers", "0"]);
     let addr = server.addr.clone();
     let url = server.url();
-    let wdir = dir.path().join("w");
-    let _worker = Proc::start(
-        &[
-            "worker",
-            "--server",
-            &url,
-            "--slots",
-            "2",
-            "--data-dir",
-            wdir.to_str().unwrap(),
-        ],
-        &dir.path().join("w.log"),
-        false,
-    );
+    let _worker = worker(dir.path(), "w", &url, 2);
     let ch = channel(&url).await;
     let input = upload_dir(&ch, &root).await;
     let action = ActionSpec::shell(input, "sleep 3; echo after-restart")

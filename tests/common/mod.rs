@@ -157,6 +157,26 @@ pub fn serve(dir: &Path, extra: &[&str]) -> Proc {
     Proc::start(&args, &dir.join("server.log"), true)
 }
 
+/// A standalone `kiln worker` joining `url`, its data under `dir/<name>` and
+/// its log in `dir/<name>.log`.
+pub fn worker(dir: &Path, name: &str, url: &str, slots: u32) -> Proc {
+    let data = dir.join(name);
+    let slots = slots.to_string();
+    Proc::start(
+        &[
+            "worker",
+            "--server",
+            url,
+            "--slots",
+            &slots,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &dir.join(format!("{name}.log")),
+        false,
+    )
+}
+
 pub async fn channel(url: &str) -> Channel {
     for _ in 0..100 {
         if let Ok(c) = Channel::from_shared(url.to_string())

@@ -229,20 +229,7 @@ impl ExecutionState {
             let action = kiln_proto::reapi::Action::decode(q.action.as_slice()).unwrap_or_default();
             let command =
                 kiln_proto::reapi::Command::decode(q.command.as_slice()).unwrap_or_default();
-            #[allow(deprecated)]
-            let platform = action
-                .platform
-                .as_ref()
-                .filter(|p| !p.properties.is_empty())
-                .or(command.platform.as_ref());
-            let properties: Vec<(String, String)> = platform
-                .map(|p| {
-                    p.properties
-                        .iter()
-                        .map(|p| (p.name.clone(), p.value.clone()))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let properties = super::validate::platform_properties(&action, &command);
             let key = platform::Requirements::parse(
                 properties.iter().map(|(k, v)| (k.as_str(), v.as_str())),
                 true,

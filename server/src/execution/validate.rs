@@ -88,21 +88,7 @@ pub async fn check(
 
     check_command(&command)?;
 
-    // Action.platform wins; older clients set only Command.platform.
-    #[allow(deprecated)]
-    let platform = action
-        .platform
-        .as_ref()
-        .filter(|p| !p.properties.is_empty())
-        .or(command.platform.as_ref());
-    let properties: Vec<(String, String)> = platform
-        .map(|p| {
-            p.properties
-                .iter()
-                .map(|p| (p.name.clone(), p.value.clone()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let properties = platform_properties(&action, &command);
     let requirements = Requirements::parse(
         properties.iter().map(|(k, v)| (k.as_str(), v.as_str())),
         config.ignore_unknown_properties,
@@ -232,6 +218,28 @@ async fn check_tree(
         valid.insert(root);
     }
     Ok(missing)
+}
+
+/// The platform an action asks for: Action.platform wins; older clients set
+/// only Command.platform.
+pub(crate) fn platform_properties(
+    action: &kiln_proto::reapi::Action,
+    command: &kiln_proto::reapi::Command,
+) -> Vec<(String, String)> {
+    #[allow(deprecated)]
+    let platform = action
+        .platform
+        .as_ref()
+        .filter(|p| !p.properties.is_empty())
+        .or(command.platform.as_ref());
+    platform
+        .map(|p| {
+            p.properties
+                .iter()
+                .map(|p| (p.name.clone(), p.value.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -27,7 +27,10 @@ use bytes::Bytes;
 use tracing::{debug, info, warn};
 
 use super::disk::{VerifyReport, sync_dir};
-use super::{BlobReader, BlobSink, BlobStore, ChunkSource, Usage, Verified, VerifiedBlob, verify};
+use super::{
+    BlobReader, BlobSink, BlobStore, ChunkSource, Usage, Verified, VerifiedBlob, blocking,
+    get_many_blocking, verify,
+};
 use crate::digest::{Digest, HASH_LEN};
 use crate::error::{Error, Result};
 
@@ -247,22 +250,12 @@ impl Inner {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Task(e.to_string()))
-}
 
 #[async_trait]
 impl BlobStore for FileStore {
     async fn get_many(&self, digests: &[Digest]) -> Vec<Result<Option<Bytes>>> {
         let inner = self.inner.clone();
-        let owned = digests.to_vec();
-        let n = owned.len();
-        match blocking(move || owned.iter().map(|d| inner.get(d)).collect::<Vec<_>>()).await {
-            Ok(v) => v,
-            Err(e) => (0..n).map(|_| Err(Error::Task(e.to_string()))).collect(),
-        }
+        get_many_blocking(digests, move |d| inner.get(d)).await
     }
 
     async fn put_many(&self, blobs: Vec<VerifiedBlob>) -> Vec<Result<()>> {

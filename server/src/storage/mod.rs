@@ -37,7 +37,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::digest::Digest;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 pub use cas::Cas;
 pub use disk::{DiskOptions, DiskStore};
@@ -48,6 +48,29 @@ pub use packs::PackStore;
 pub use records::RecordStore;
 pub use split::SizeSplit;
 pub use verify::{Upload, Verified, VerifiedBlob};
+
+/// Runs blocking file I/O off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Task(e.to_string()))
+}
+
+/// `get_many` of a store whose reads block: one blocking task for the batch;
+/// if that task dies, every digest of the batch reports why.
+pub(crate) async fn get_many_blocking(
+    digests: &[Digest],
+    get: impl Fn(&Digest) -> Result<Option<Bytes>> + Send + 'static,
+) -> Vec<Result<Option<Bytes>>> {
+    let owned = digests.to_vec();
+    let n = owned.len();
+    match blocking(move || owned.iter().map(&get).collect::<Vec<_>>()).await {
+        Ok(v) => v,
+        Err(e) => (0..n).map(|_| Err(Error::Task(e.to_string()))).collect(),
+    }
+}
 
 /// How much a store holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -207,7 +230,6 @@ use tracing::{error, info};
 use crate::action_cache::ActionCache;
 use crate::asset::AssetStore;
 use crate::config::{Backend, ServerConfig};
-use crate::error::Error;
 use durability::DataDir;
 
 /// Everything storage offers the rest of Kiln: the CAS, the action cache and

@@ -38,7 +38,10 @@ use sha2::{Digest as _, Sha256};
 use tracing::{debug, error, info, warn};
 
 use super::disk::{VerifyReport, sync_dir};
-use super::{BlobReader, BlobSink, BlobStore, DiskOptions, Usage, Verified, VerifiedBlob, verify};
+use super::{
+    BlobReader, BlobSink, BlobStore, DiskOptions, Usage, Verified, VerifiedBlob, blocking,
+    get_many_blocking, verify,
+};
 use crate::digest::{Digest, HASH_LEN};
 use crate::error::{Error, Result};
 
@@ -738,22 +741,12 @@ fn remove_segment(dir: &Path, seq: u64) {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Task(e.to_string()))
-}
 
 #[async_trait]
 impl BlobStore for PackStore {
     async fn get_many(&self, digests: &[Digest]) -> Vec<Result<Option<Bytes>>> {
         let inner = self.inner.clone();
-        let owned = digests.to_vec();
-        let n = owned.len();
-        match blocking(move || owned.iter().map(|d| inner.get(d)).collect::<Vec<_>>()).await {
-            Ok(v) => v,
-            Err(e) => (0..n).map(|_| Err(Error::Task(e.to_string()))).collect(),
-        }
+        get_many_blocking(digests, move |d| inner.get(d)).await
     }
 
     async fn put_many(&self, blobs: Vec<VerifiedBlob>) -> Vec<Result<()>> {
