@@ -250,7 +250,6 @@ impl Inner {
     }
 }
 
-
 #[async_trait]
 impl BlobStore for FileStore {
     async fn get_many(&self, digests: &[Digest]) -> Vec<Result<Option<Bytes>>> {

@@ -741,7 +741,6 @@ fn remove_segment(dir: &Path, seq: u64) {
     }
 }
 
-
 #[async_trait]
 impl BlobStore for PackStore {
     async fn get_many(&self, digests: &[Digest]) -> Vec<Result<Option<Bytes>>> {
