@@ -23,18 +23,21 @@ fn sha256(data: &[u8]) -> String {
         .collect()
 }
 
+/// Appends a plain 0644 file to a layer.
+fn add_file<W: std::io::Write>(b: &mut tar::Builder<W>, path: &str, data: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append_data(&mut h, path, data).unwrap();
+}
+
 /// Layer 1: the busybox fixture plus files the next layer changes.
 fn base_layer(busybox: &Path) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     b.follow_symlinks(false);
     b.append_dir_all(".", busybox).unwrap();
-    let mut add = |path: &str, data: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, path, data).unwrap();
-    };
+    let mut add = |path: &str, data: &[u8]| add_file(&mut b, path, data);
     add("etc/removed", b"gone soon\n");
     add("etc/kept", b"v1\n");
     add("opaque/old", b"hidden by the next layer\n");
@@ -45,13 +48,7 @@ fn base_layer(busybox: &Path) -> Vec<u8> {
 /// Layer 2, gzipped: a whiteout, an opaque directory, a changed file.
 fn top_layer() -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
-    let mut add = |path: &str, data: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, path, data).unwrap();
-    };
+    let mut add = |path: &str, data: &[u8]| add_file(&mut b, path, data);
     add("etc/.wh.removed", b"");
     add("etc/kept", b"v2\n");
     add("opaque/.wh..wh..opq", b"");
@@ -106,13 +103,7 @@ fn tar_of(dir: &Path, dest: &Path) {
 /// `docker save` output: manifest.json naming layer tarballs.
 fn docker_save(dest: &Path, layers: &[Vec<u8>]) {
     let mut b = tar::Builder::new(std::fs::File::create(dest).unwrap());
-    let mut add = |path: &str, data: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, path, data).unwrap();
-    };
+    let mut add = |path: &str, data: &[u8]| add_file(&mut b, path, data);
     let mut names = Vec::new();
     for (i, l) in layers.iter().enumerate() {
         let name = format!("layer{i}/layer.tar");

@@ -387,6 +387,20 @@ fn remove_any(path: &Path) -> Result<()> {
     r.map_err(|e| Error::io("remove", path, e))
 }
 
+/// Where a link member points, or why it cannot be used.
+fn link_target<R: Read>(
+    entry: &tar::Entry<'_, R>,
+    layer: &Path,
+    raw: &Path,
+    what: &str,
+) -> Result<PathBuf> {
+    entry
+        .link_name()
+        .map_err(|e| Error::io("read layer", layer, e))?
+        .map(|t| t.into_owned())
+        .ok_or_else(|| bad(layer, format!("{what} {raw:?} without a target")))
+}
+
 fn apply_whiteouts<R: Read>(mut archive: tar::Archive<R>, root: &Path, layer: &Path) -> Result<()> {
     let entries = archive
         .entries()
@@ -508,17 +522,11 @@ fn apply_layer<R: Read>(
         } else if kind.is_symlink() {
             // The target is only ever read inside the sandbox, where `/` is
             // the image: absolute and `..` targets are fine as they are.
-            let target = entry
-                .link_name()
-                .map_err(|e| Error::io("read layer", layer, e))?
-                .ok_or_else(|| bad(layer, format!("symlink {raw:?} without a target")))?;
+            let target = link_target(&entry, layer, &raw, "symlink")?;
             std::os::unix::fs::symlink(&target, &path)
                 .map_err(|e| Error::io("symlink", &path, e))?;
         } else if kind.is_hard_link() {
-            let target = entry
-                .link_name()
-                .map_err(|e| Error::io("read layer", layer, e))?
-                .ok_or_else(|| bad(layer, format!("hard link {raw:?} without a target")))?;
+            let target = link_target(&entry, layer, &raw, "hard link")?;
             let target_rel = clean(&target)
                 .filter(|t| !t.as_os_str().is_empty())
                 .ok_or_else(|| bad(layer, format!("hard link {raw:?} points outside the root")))?;

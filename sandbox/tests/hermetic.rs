@@ -100,6 +100,10 @@ fn see_host_processes(mode: Mode, backend: BackendKind) {
     let marker = format!("kiln-host-marker-{}", std::process::id());
     let mut host = std::process::Command::new("sh")
         .args(["-c", &format!("sleep 20; : {marker}")])
+        // Its `sleep` outlives the kill of `sh`: it must not hold the test's output open.
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let r = run_sh(
