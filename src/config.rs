@@ -263,7 +263,7 @@ network = false
 backend = "userns"
 # For backend = "oci": an OCI runtime binary instead of the built-in one.
 # oci_runtime = "/usr/bin/crun"
-# Empty network namespaces kept ready.
+# Empty network namespaces, and as many fresh IPC namespaces, kept ready.
 netns_pool = 8
 
 # Base root filesystems offered as the container-image property:

@@ -48,8 +48,8 @@ pub struct WorkerConfig {
     /// For the `oci` backend: an OCI runtime binary (`crun`, `runc`) instead
     /// of the built-in one. Default: none.
     pub oci_runtime: Option<PathBuf>,
-    /// Empty network namespaces kept ready (a privileged worker's fast
-    /// path). Default: 8.
+    /// Empty network namespaces, and as many fresh IPC namespaces, kept
+    /// ready (a privileged worker's fast path; 0: none). Default: 8.
     pub netns_pool: usize,
 }
 

@@ -3,7 +3,7 @@
 //! receives requests on a unix socket and `clone3`s each sandbox's init
 //! straight into its namespaces — cheap, and safe because nothing else runs
 //! in this process. It also reaps the inits, enforces timeouts and owns the
-//! pool of ready network namespaces.
+//! pools of ready network and IPC namespaces.
 //!
 //! [`Launcher`]: crate::Launcher
 
@@ -18,9 +18,11 @@ use crate::outcome::{ExitStatus, Outcome};
 use crate::protocol::{self, KilledBy, Received, Reply, WireRequest};
 use crate::request::BackendKind;
 use crate::sys::{self, Forked, Reaped};
-use crate::userns::{self, idmap::IdMap, netns::NetnsPool};
+use crate::userns::{self, idmap::IdMap, nspool::NsPool};
 
 pub(crate) const CTL_FD_ENV: &str = "KILN_SANDBOX_HELPER_FD";
+/// How long the helper waits without a request before refilling its pools.
+const REFILL_AFTER_IDLE_MS: i32 = 1;
 pub(crate) const POOL_ENV: &str = "KILN_SANDBOX_NETNS_POOL";
 /// `userns` or `oci`: the backend this helper serves.
 pub(crate) const BACKEND_ENV: &str = "KILN_SANDBOX_BACKEND";
@@ -57,11 +59,14 @@ pub(crate) struct Action {
 
 struct Helper {
     ctl: OwnedFd,
-    pool: Option<NetnsPool>,
+    netns_pool: Option<NsPool>,
+    ipc_pool: Option<NsPool>,
     outside_uid: u32,
     outside_gid: u32,
     privileged: bool,
     base: CString,
+    /// Where the read-only `/dev` every sandbox binds is, if one was built.
+    dev_template: Option<&'static std::ffi::CStr>,
     last_cap: libc::c_ulong,
     actions: Vec<Action>,
 }
@@ -170,18 +175,26 @@ impl Helper {
         sys::reset_signals();
         // SAFETY: ignoring a signal is always valid.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-        if privileged
-            && std::env::var(BACKEND_ENV).as_deref() == Ok("userns")
-            && let Err(e) = trim_mount_namespace()
-        {
-            tracing::warn!("sandbox helper: could not trim its mount namespace: {e}");
+        let mut dev_template = None;
+        if privileged && std::env::var(BACKEND_ENV).as_deref() == Ok("userns") {
+            match trim_mount_namespace() {
+                Ok(()) => match userns::mounts::build_dev_template() {
+                    Ok(()) => dev_template = Some(userns::mounts::DEV_TEMPLATE_AT),
+                    Err(e) => tracing::warn!(
+                        "sandbox helper: no /dev template ({e}): each sandbox builds its own"
+                    ),
+                },
+                Err(e) => {
+                    tracing::warn!("sandbox helper: could not trim its mount namespace: {e}")
+                }
+            }
         }
         // Looked up once here; every sandbox forked from us inherits it.
         let _ = userns::mounts::proc_entry_exists("sys");
-        let pool = if pool_size > 0 {
-            NetnsPool::new(pool_size)
+        let (netns_pool, ipc_pool) = if pool_size > 0 {
+            (NsPool::network(pool_size), NsPool::ipc(pool_size))
         } else {
-            None
+            (None, None)
         };
         let base = ["/tmp", "/mnt", "/"]
             .into_iter()
@@ -191,16 +204,19 @@ impl Helper {
             uid,
             gid,
             privileged,
-            netns_pool = pool.is_some(),
+            netns_pool = netns_pool.is_some(),
+            ipc_pool = ipc_pool.is_some(),
             "sandbox helper ready"
         );
         Ok(Helper {
             ctl,
-            pool,
+            netns_pool,
+            ipc_pool,
             outside_uid: uid,
             outside_gid: gid,
             privileged,
             base: CString::new(base).expect("no NUL"),
+            dev_template,
             last_cap: sys::last_cap(),
             actions: Vec::new(),
         })
@@ -214,11 +230,12 @@ impl Helper {
                     .min(i32::MAX as u128) as i32,
                 None => -1,
             };
-            // Refill the network namespace pool only when idle: look for
-            // work without blocking first.
-            let refill = self.pool.as_ref().is_some_and(|p| p.below_target());
-            if refill {
-                timeout_ms = 0;
+            // Refill the namespace pools only once nothing has happened for
+            // a moment: a sandbox just started is still setting up, often on
+            // this very CPU, and must not wait for spare namespaces.
+            let refill = self.pools().any(|p| p.below_target());
+            if refill && !(0..REFILL_AFTER_IDLE_MS).contains(&timeout_ms) {
+                timeout_ms = REFILL_AFTER_IDLE_MS;
             }
             let n_actions = self.actions.len();
             let mut pfds: Vec<libc::pollfd> = std::iter::once(self.ctl.as_raw_fd())
@@ -241,8 +258,13 @@ impl Helper {
                 }))
                 .collect();
             let n = sys::poll_readable(&mut pfds, timeout_ms).map_err(|e| format!("poll: {e}"))?;
-            if n == 0 && refill {
-                if let Some(p) = self.pool.as_mut() {
+            let deadline_due = next_deadline.is_some_and(|d| d <= Instant::now());
+            if n == 0 && refill && !deadline_due {
+                for p in [self.netns_pool.as_mut(), self.ipc_pool.as_mut()]
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p.below_target())
+                {
                     p.refill_one();
                 }
                 continue;
@@ -324,6 +346,44 @@ impl Helper {
         Ok(())
     }
 
+    fn pools(&self) -> impl Iterator<Item = &NsPool> {
+        self.netns_pool.iter().chain(self.ipc_pool.iter())
+    }
+
+    fn give_back_netns(&mut self, ns: Option<OwnedFd>) {
+        if let (Some(ns), Some(pool)) = (ns, self.netns_pool.as_mut()) {
+            pool.give_back(ns);
+        }
+    }
+
+    /// Moves the helper into the pooled namespaces the next sandbox joins.
+    fn enter_pooled(
+        &self,
+        netns: Option<&OwnedFd>,
+        ipcns: Option<&OwnedFd>,
+    ) -> Result<(), SetupError> {
+        if let (Some(ns), Some(pool)) = (netns, &self.netns_pool) {
+            pool.enter(ns)
+                .map_err(|e| SetupError::new("join pooled network namespace", e))?;
+        }
+        if let (Some(ns), Some(pool)) = (ipcns, &self.ipc_pool)
+            && let Err(e) = pool.enter(ns)
+        {
+            self.leave_pooled(netns.is_some(), false);
+            return Err(SetupError::new("join pooled IPC namespace", e));
+        }
+        Ok(())
+    }
+
+    fn leave_pooled(&self, netns: bool, ipcns: bool) {
+        if let (true, Some(pool)) = (netns, &self.netns_pool) {
+            pool.leave();
+        }
+        if let (true, Some(pool)) = (ipcns, &self.ipc_pool) {
+            pool.leave();
+        }
+    }
+
     fn reap(&mut self, pidfd: RawFd) {
         let Some(i) = self
             .actions
@@ -342,9 +402,7 @@ impl Helper {
         };
         // Every process of the sandbox is gone with its init (the kernel
         // kills and waits for the PID namespace before the init is reaped).
-        if let (Some(ns), Some(pool)) = (a.netns, self.pool.as_mut()) {
-            pool.give_back(ns);
-        }
+        self.give_back_netns(a.netns);
         let (status, killed) = match reaped {
             Reaped::Exited(0) if !a.timed_out => return,
             _ if a.timed_out => (ExitStatus::Signaled(libc::SIGKILL), KilledBy::Timeout),
@@ -404,37 +462,34 @@ impl Helper {
             return crate::oci::start_in_helper(self_ctx(self), req, sock, stdout, stderr);
         }
         let mut flags = userns::NS_FLAGS;
-        let mut netns = None;
-        if !req.network {
-            match self.pool.as_mut() {
-                Some(pool) => {
-                    netns = Some(
-                        pool.take()
-                            .map_err(|e| SetupError::new("create a network namespace", e))?,
-                    )
-                }
-                None => flags |= libc::CLONE_NEWNET as u64,
+        let netns = if req.network {
+            None
+        } else {
+            take_pooled(&mut self.netns_pool, libc::CLONE_NEWNET, &mut flags)?
+        };
+        let ipcns = match take_pooled(&mut self.ipc_pool, libc::CLONE_NEWIPC, &mut flags) {
+            Ok(ns) => ns,
+            Err(e) => {
+                self.give_back_netns(netns);
+                return Err(e);
             }
-        }
+        };
         let req_ids = (req.uid, req.gid);
         let fresh_netns = flags & libc::CLONE_NEWNET as u64 != 0;
-        if let (Some(ns), Some(pool)) = (&netns, &self.pool) {
-            pool.enter(ns)
-                .map_err(|e| SetupError::new("join pooled network namespace", e))?;
+        if let Err(e) = self.enter_pooled(netns.as_ref(), ipcns.as_ref()) {
+            self.give_back_netns(netns);
+            return Err(e);
         }
         // SAFETY: the helper is single-threaded.
         let forked = unsafe { sys::clone3_fork(flags) };
-        // The child stays in the pooled namespace; we go back.
-        if let (Some(_), Some(pool)) = (&netns, &self.pool)
-            && matches!(forked, Ok(Forked::Parent { .. }) | Err(_))
-        {
-            pool.leave();
+        // The child stays in the pooled namespaces; we go back. The IPC
+        // namespace is the sandbox's alone from here (`ipcns` is dropped).
+        if matches!(forked, Ok(Forked::Parent { .. }) | Err(_)) {
+            self.leave_pooled(netns.is_some(), ipcns.is_some());
         }
         let (pid, pidfd) = match forked {
             Err(e) => {
-                if let (Some(ns), Some(pool)) = (netns, self.pool.as_mut()) {
-                    pool.give_back(ns);
-                }
+                self.give_back_netns(netns);
                 return Err(SetupError::new("clone3 into new namespaces", e));
             }
             Ok(Forked::Child) => {
@@ -451,6 +506,7 @@ impl Helper {
                         outside_gid: self.outside_gid,
                     },
                     base: self.base.clone(),
+                    dev_template: self.dev_template,
                     fresh_netns,
                     last_cap: self.last_cap,
                 })
@@ -469,6 +525,25 @@ impl Helper {
             monitor: false,
             dropped: false,
         })
+    }
+}
+
+/// A namespace from `pool` for the next sandbox, or, without a pool, the
+/// `clone_flag` added to `flags` so the sandbox gets a new one of its own.
+fn take_pooled(
+    pool: &mut Option<NsPool>,
+    clone_flag: libc::c_int,
+    flags: &mut u64,
+) -> Result<Option<OwnedFd>, SetupError> {
+    match pool {
+        Some(pool) => pool
+            .take()
+            .map(Some)
+            .map_err(|e| SetupError::new(format!("create {} namespace", pool.name()), e)),
+        None => {
+            *flags |= clone_flag as u64;
+            Ok(None)
+        }
     }
 }
 

@@ -93,42 +93,21 @@ const TAG_ERROR: u8 = b'E';
 /// CLOCK_MONOTONIC of its `execve` (0 if it never got there), or the set-up
 /// error that kept it from running.
 ///
-/// `before_exec` is the init's last set-up step (detaching the host's
-/// tree): it runs while the command's process prepares, which waits for it
-/// before `execve`.
+/// `before_exec` is the last set-up step (detaching the host's tree): the
+/// command's process runs it first, while it still holds the namespace's
+/// capabilities, so nothing of the command's runs before it is done.
 pub(crate) fn run_as_init(
     exec: &Exec,
     before_exec: Option<fn() -> Result<(), SetupError>>,
 ) -> Result<(Outcome, u64), SetupError> {
     let (r, w) = sys::pipe().map_err(|e| SetupError::new("pipe", e))?;
-    let gate = match before_exec {
-        Some(_) => Some(sys::pipe().map_err(|e| SetupError::new("pipe", e))?),
-        None => None,
-    };
-    // SAFETY: the sandbox's init is single-threaded.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(SetupError::new("fork the command", Errno::last()));
-    }
-    if pid == 0 {
-        drop(r);
-        let go = gate.map(|(gr, gw)| {
-            drop(gw);
-            gr
-        });
-        command_child(exec, w, go);
-    }
+    // Spawned, not forked: this init is a copy of a large binary, and a
+    // fork would copy its page tables only for execve to throw them away.
+    // SAFETY: the sandbox's init is single-threaded, and the command's
+    // process leaves only by execve or _exit.
+    let pid = unsafe { sys::vfork_spawn(&mut || command_child(exec, &w, before_exec)) }
+        .map_err(|e| SetupError::new("spawn the command", e))?;
     drop(w);
-    if let (Some(step), Some((gr, gw))) = (before_exec, gate) {
-        drop(gr);
-        if let Err(e) = step() {
-            // SAFETY: our own child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let _ = sys::wait4(pid);
-            return Err(e);
-        }
-        let _ = sys::write_all(gw.as_fd(), b"1");
-    }
     let (status, ru) = sys::wait4(pid).map_err(|e| SetupError::new("wait4", e))?;
     let end = sys::monotonic_ns();
     kill_the_rest();
@@ -199,14 +178,23 @@ fn place_fd(fd: RawFd, target: RawFd) -> Result<(), Errno> {
     Ok(())
 }
 
-fn command_child(exec: &Exec, w: OwnedFd, go: Option<OwnedFd>) -> ! {
+fn command_child(
+    exec: &Exec,
+    w: &OwnedFd,
+    before_exec: Option<fn() -> Result<(), SetupError>>,
+) -> ! {
+    if let Some(step) = before_exec
+        && let Err(e) = step()
+    {
+        report_error(w, &e);
+    }
     // Lift stdout/stderr (and the status pipe) clear of 0..2 before dup2,
     // whatever numbers they arrived with.
     let high = |fd: RawFd| {
         // SAFETY: plain fd syscall.
         let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
         if n < 0 {
-            report_error(&w, &SetupError::new("dup stdout/stderr", Errno::last()));
+            report_error(w, &SetupError::new("dup stdout/stderr", Errno::last()));
         }
         n
     };
@@ -214,7 +202,7 @@ fn command_child(exec: &Exec, w: OwnedFd, go: Option<OwnedFd>) -> ! {
     let err = high(exec.stderr.as_raw_fd());
     let null = match sys::open(c"/dev/null", libc::O_RDONLY, 0) {
         Ok(f) => f,
-        Err(e) => report_error(&w, &SetupError::new("open /dev/null for stdin", e)),
+        Err(e) => report_error(w, &SetupError::new("open /dev/null for stdin", e)),
     };
     for (fd, target, what) in [
         (null.as_raw_fd(), 0, "stdin"),
@@ -222,12 +210,12 @@ fn command_child(exec: &Exec, w: OwnedFd, go: Option<OwnedFd>) -> ! {
         (err, 2, "stderr"),
     ] {
         if let Err(e) = place_fd(fd, target) {
-            report_error(&w, &SetupError::new(format!("dup2 {what}"), e));
+            report_error(w, &SetupError::new(format!("dup2 {what}"), e));
         }
     }
     // Nothing but 0, 1, 2 survives execve.
     if let Err(e) = sys::cloexec_from(3) {
-        report_error(&w, &SetupError::new("close_range", e));
+        report_error(w, &SetupError::new("close_range", e));
     }
     // The helper reset every disposition at its start but SIGPIPE, which
     // the Rust runtime ignores; the command gets the default back.
@@ -238,20 +226,13 @@ fn command_child(exec: &Exec, w: OwnedFd, go: Option<OwnedFd>) -> ! {
         libc::setpgid(0, 0);
     }
     if let Err(e) = caps::drop_all(exec.last_cap) {
-        report_error(&w, &e);
-    }
-    if let Some(go) = go {
-        let mut b = [0u8; 1];
-        if sys::read(go.as_fd(), &mut b) != Ok(1) {
-            // The init's last step failed; it reports that.
-            sys::exit_now(125);
-        }
+        report_error(w, &e);
     }
     if let Some(cwd) = &exec.cwd
         && let Err(e) = sys::chdir(cwd)
     {
         report_error(
-            &w,
+            w,
             &SetupError::new(
                 format!("chdir to working directory {}", cwd.to_string_lossy()),
                 e,

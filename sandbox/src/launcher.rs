@@ -33,7 +33,8 @@ pub struct LauncherConfig {
     /// `setpriv --reuid=65534 … kiln __sandbox-helper` may be expressed by
     /// making `program` the wrapper.
     pub args: Vec<OsString>,
-    /// Empty network namespaces a privileged helper keeps ready (0: none).
+    /// Empty network namespaces, and as many fresh IPC namespaces, a
+    /// privileged helper keeps ready (0: none).
     pub netns_pool: usize,
     pub backend: BackendKind,
     /// For [`BackendKind::Oci`]: run this OCI runtime binary (`crun`, `runc`).

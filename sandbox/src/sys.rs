@@ -93,6 +93,61 @@ pub unsafe fn clone3_fork(ns_flags: u64) -> SysResult<Forked> {
     }
 }
 
+/// Runs `child` in a new process that shares this one's memory until it
+/// `execve`s or exits, as `posix_spawn` does (`CLONE_VM | CLONE_VFORK`, on a
+/// stack of its own): the caller is suspended meanwhile. Unlike `fork`, no
+/// page table is copied, so neither process pays copy-on-write faults and the
+/// child's `execve` has no copied address space to tear down.
+///
+/// # Safety
+/// The calling process must be single-threaded (no other thread may touch
+/// the shared memory while `child` runs), and `child` must leave by
+/// `execve` or [`exit_now`] (a return ends it with status 127), never by
+/// unwinding.
+pub unsafe fn vfork_spawn(child: &mut dyn FnMut()) -> SysResult<libc::pid_t> {
+    const STACK: usize = 256 * 1024;
+    const GUARD: usize = 4096;
+    extern "C" fn trampoline(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the `&mut dyn FnMut` below, alive while we run.
+        let f = unsafe { &mut *(arg as *mut &mut dyn FnMut()) };
+        f();
+        // Returning would end the child with the parent's stack state.
+        exit_now(127)
+    }
+    // SAFETY: a fresh anonymous mapping; its lowest page becomes a guard so
+    // an overflow faults instead of writing over the parent's memory.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            STACK + GUARD,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(Errno::last());
+    }
+    // SAFETY: the first page of our own mapping.
+    unsafe { libc::mprotect(base, GUARD, libc::PROT_NONE) };
+    let mut arg: &mut dyn FnMut() = child;
+    // SAFETY: the stack top is 16-byte aligned (page-aligned mapping); the
+    // trampoline never returns; the caller vouches for single-threadedness.
+    let pid = unsafe {
+        libc::clone(
+            trampoline,
+            (base as *mut u8).add(STACK + GUARD) as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            &mut arg as *mut &mut dyn FnMut() as *mut libc::c_void,
+        )
+    };
+    let err = Errno::last();
+    // SAFETY: the child has exec'd or exited: nothing runs on this stack now.
+    unsafe { libc::munmap(base, STACK + GUARD) };
+    if pid < 0 { Err(err) } else { Ok(pid) }
+}
+
 pub fn pidfd_open(pid: libc::pid_t) -> SysResult<OwnedFd> {
     // SAFETY: plain syscall.
     let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
@@ -273,6 +328,21 @@ pub fn open(path: &CStr, flags: libc::c_int, mode: libc::mode_t) -> SysResult<Ow
 pub fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: libc::mode_t) -> SysResult<()> {
     // SAFETY: valid string.
     check_int(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) }).map(drop)
+}
+
+pub fn mknodat(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    mode: libc::mode_t,
+    dev: libc::dev_t,
+) -> SysResult<()> {
+    // SAFETY: valid fd and NUL-terminated name.
+    check_int(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, dev) }).map(drop)
+}
+
+pub fn unlinkat(dir: BorrowedFd<'_>, name: &CStr) -> SysResult<()> {
+    // SAFETY: valid fd and NUL-terminated name.
+    check_int(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) }).map(drop)
 }
 
 pub fn symlinkat(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> SysResult<()> {

@@ -394,7 +394,36 @@ fn devices_are_minimal(mode: Mode, backend: BackendKind) {
     }
 }
 
+/// Sandboxes from one launcher share a helper, its pools and its `/dev`
+/// template: nothing one action leaves in `/dev`, `/dev/shm`, SysV IPC or
+/// `/tmp` may reach the next.
+fn nothing_carries_over_between_sandboxes(mode: Mode, backend: BackendKind) {
+    let fx = need_fixture!();
+    let p = need_probe!();
+    let l = launcher(mode, backend);
+    let s = Scratch::new(&fx, mode);
+    install_probe(&p, &s.root(), "probe", false);
+    let first = run_sh(
+        &l,
+        &s,
+        "touch /dev/shm/left /tmp/left; touch /dev/left 2>/dev/null; /probe sysv-create; \
+         readlink /proc/self/ns/ipc",
+    );
+    assert!(first.stdout.contains("sysv-create: ok"), "{first:?}");
+    let second = run_sh(
+        &l,
+        &s,
+        "ls -a /dev/shm /tmp; ls /dev; /probe sysv-find; readlink /proc/self/ns/ipc",
+    );
+    assert!(!second.stdout.contains("left"), "{second:?}");
+    assert!(second.stdout.contains("sysv-find: ENOENT"), "{second:?}");
+    let ns = |r: &Ran| r.stdout.lines().last().unwrap_or("").to_string();
+    assert!(ns(&first).starts_with("ipc:["), "{first:?}");
+    assert_ne!(ns(&first), ns(&second), "an IPC namespace was used twice");
+}
+
 matrix!(
+    nothing_carries_over_between_sandboxes,
     read_host_file,
     reach_host_tcp,
     see_host_processes,

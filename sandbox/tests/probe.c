@@ -13,6 +13,8 @@
 #include <unistd.h>
 #include <arpa/inet.h>
 #include <sys/socket.h>
+#include <sys/ipc.h>
+#include <sys/shm.h>
 
 static int report(const char *what, int r) {
   if (r == 0) printf("%s: ok\n", what);
@@ -39,6 +41,12 @@ int main(int argc, char **argv) {
   if (!strcmp(v, "mknod")) return report("mknod", mknod("/tmp/null2", S_IFCHR | 0666, makedev(1, 3))) ? 1 : 0;
   if (!strcmp(v, "chroot")) return report("chroot", chroot("/tmp")) ? 1 : 0;
   if (!strcmp(v, "setuid0")) return report("setuid0", setuid(0)) ? 1 : 0;
+  /* A SysV segment outlives its processes, so only a fresh IPC namespace
+   * per sandbox keeps one action's from the next. */
+  if (!strcmp(v, "sysv-create"))
+    return report("sysv-create", shmget(0x4b494c4e, 4096, IPC_CREAT | 0600) < 0 ? -1 : 0) ? 1 : 0;
+  if (!strcmp(v, "sysv-find"))
+    return report("sysv-find", shmget(0x4b494c4e, 0, 0) < 0 ? -1 : 0) ? 1 : 0;
   if (!strcmp(v, "connect")) {
     int s = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};

@@ -14,7 +14,7 @@
 pub(crate) mod caps;
 pub(crate) mod idmap;
 pub(crate) mod mounts;
-pub(crate) mod netns;
+pub(crate) mod nspool;
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -25,12 +25,12 @@ use crate::init::{self, Exec};
 use crate::protocol::{self, Reply, WireRequest};
 use crate::sys;
 
-/// Namespaces every sandbox gets; `CLONE_NEWNET` is added when the network
-/// is off and no pooled namespace is joined instead.
+/// Namespaces every sandbox gets new; it also gets a new IPC namespace and,
+/// when the network is off, a new network namespace: joined from the
+/// helper's pools, or `CLONE_NEWIPC`/`CLONE_NEWNET` added here without one.
 pub(crate) const NS_FLAGS: u64 = (libc::CLONE_NEWUSER
     | libc::CLONE_NEWNS
     | libc::CLONE_NEWPID
-    | libc::CLONE_NEWIPC
     | libc::CLONE_NEWUTS
     | libc::CLONE_NEWCGROUP) as u64;
 
@@ -43,6 +43,8 @@ pub(crate) struct InitArgs {
     pub ids: idmap::IdMap,
     /// Mount point for the new root before `pivot_root`.
     pub base: CString,
+    /// The helper's ready-made `/dev`, if it has one.
+    pub dev_template: Option<&'static std::ffi::CStr>,
     /// We own a brand-new network namespace and must bring `lo` up ourselves.
     pub fresh_netns: bool,
     pub last_cap: libc::c_ulong,
@@ -75,7 +77,7 @@ pub(crate) fn init_main(a: InitArgs) -> ! {
         .ids
         .write_self()
         .map_err(|(file, e)| SetupError::new(format!("write /proc/self/{file}"), e))
-        .and_then(|()| set_up(&a.req, a.base, a.fresh_netns))
+        .and_then(|()| set_up(&a.req, a.base, a.dev_template, a.fresh_netns))
     {
         Ok(r) => r,
         Err(e) => {
@@ -114,11 +116,16 @@ struct Ready {
     mntns: OwnedFd,
 }
 
-fn set_up(req: &WireRequest, base: CString, fresh_netns: bool) -> Result<Ready, SetupError> {
+fn set_up(
+    req: &WireRequest,
+    base: CString,
+    dev_template: Option<&'static std::ffi::CStr>,
+    fresh_netns: bool,
+) -> Result<Ready, SetupError> {
     // Nothing we mount may propagate back to the host.
     sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None)
         .map_err(|e| SetupError::new("make / private", e))?;
-    let ops = mounts::plan(&req.root, &req.cwd, &req.subtrees);
+    let ops = mounts::plan(&req.root, &req.cwd, &req.subtrees, dev_template);
     let mut live = mounts::Live::new(base);
     mounts::apply(&ops, &mut live)?;
     let root = live.root_fd().expect("root mounted");

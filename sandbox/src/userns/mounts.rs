@@ -11,8 +11,8 @@
 //! or expose, a host path — the mounts happen before `pivot_root`, while the
 //! host tree is still reachable.
 
-use std::ffi::CString;
-use std::os::fd::{AsFd, OwnedFd};
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -70,6 +70,136 @@ pub(crate) fn proc_entry_exists(name: &str) -> bool {
 
 const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
 
+const DEV_TMPFS_OPTIONS: &str = "mode=0755,size=64k,nr_inodes=64";
+
+/// Where a privileged helper keeps the template of every sandbox's `/dev`,
+/// in its own mount namespace: the mount point of the `/sys` it dropped
+/// (no sandbox of this backend uses the host's sysfs).
+pub(crate) const DEV_TEMPLATE_AT: &CStr = c"/sys";
+
+/// Builds `/dev` once, read-only, at [`DEV_TEMPLATE_AT`]: each sandbox then
+/// binds it with one recursive mount instead of a tmpfs, six device binds
+/// and a dozen more calls of its own. Must run in the helper's private mount
+/// namespace. The device nodes are real ones when this process may `mknod`
+/// (root on the host): one mount for every sandbox to copy instead of seven.
+pub(crate) fn build_dev_template() -> Result<(), SetupError> {
+    let at = DEV_TEMPLATE_AT;
+    let data = CString::new(DEV_TMPFS_OPTIONS).expect("no NUL");
+    // Not nodev: the nodes made here must work. Nothing else can ever be
+    // made here: it turns read-only below, and sandboxes hold no capability.
+    let flags = libc::MS_NOSUID | libc::MS_NOEXEC;
+    sys::mount(Some(c"tmpfs"), at, Some(c"tmpfs"), flags, Some(&data))
+        .map_err(err("mount tmpfs for the /dev template".into()))?;
+    let dev = sys::open(at, libc::O_PATH | libc::O_DIRECTORY, 0)
+        .map_err(err("open the /dev template".into()))?;
+    // SAFETY: plain syscall; the helper is single-threaded, and its umask is
+    // put back below.
+    let umask = unsafe { libc::umask(0) };
+    let made = populate_dev(dev.as_fd(), DevNodes::Mknod).or_else(|e| {
+        tracing::debug!("device nodes in the /dev template are binds: {e}");
+        populate_dev(dev.as_fd(), DevNodes::Bind)
+    });
+    // SAFETY: as above.
+    unsafe { libc::umask(umask) };
+    made?;
+    // The superblock, not just this mount: no copy of it is ever writable.
+    sys::mount(
+        None,
+        at,
+        None,
+        libc::MS_REMOUNT | libc::MS_RDONLY | flags,
+        Some(&data),
+    )
+    .map_err(err("make the /dev template read-only".into()))
+}
+
+/// How [`populate_dev`] makes the device nodes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DevNodes {
+    /// The host's nodes bound on empty files (a user namespace cannot `mknod`).
+    Bind,
+    /// `mknod` with the host nodes' numbers: all or nothing (what was made
+    /// is removed again if one fails).
+    Mknod,
+}
+
+/// Kiln's `/dev` in the (empty, writable) directory `dev`: the host's
+/// harmless device nodes, the `/proc/self/fd` links, and a world-writable
+/// `shm`.
+fn populate_dev(dev: BorrowedFd<'_>, nodes: DevNodes) -> Result<(), SetupError> {
+    if nodes == DevNodes::Mknod {
+        return mknod_all(dev).and_then(|()| dev_links_and_shm(dev));
+    }
+    for name in DEV_NODES {
+        let name_c = CString::new(name).expect("no NUL");
+        sys::openat(
+            dev,
+            &name_c,
+            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+            0o666,
+        )
+        .map_err(err(format!("create /dev/{name}")))?;
+        let src = CString::new(format!("/dev/{name}")).expect("no NUL");
+        sys::mount(
+            Some(&src),
+            &sys::fd_path(dev, Some(name)),
+            None,
+            libc::MS_BIND,
+            None,
+        )
+        .map_err(err(format!("bind host /dev/{name} on /dev/{name}")))?;
+    }
+    dev_links_and_shm(dev)
+}
+
+fn mknod_all(dev: BorrowedFd<'_>) -> Result<(), SetupError> {
+    for (i, name) in DEV_NODES.iter().enumerate() {
+        let host = format!("/dev/{name}");
+        let made = std::fs::metadata(&host)
+            .map_err(|e| {
+                SetupError::new(
+                    format!("stat {host}"),
+                    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+                )
+            })
+            .and_then(|m| {
+                use std::os::unix::fs::{FileTypeExt, MetadataExt};
+                if !m.file_type().is_char_device() {
+                    return Err(SetupError::new(
+                        format!("{host} is not a character device"),
+                        Errno::ENODEV,
+                    ));
+                }
+                let name_c = CString::new(*name).expect("no NUL");
+                sys::mknodat(dev, &name_c, libc::S_IFCHR | 0o666, m.rdev())
+                    .map_err(err(format!("mknod /dev/{name}")))
+            });
+        if let Err(e) = made {
+            for done in &DEV_NODES[..i] {
+                let _ = sys::unlinkat(dev, &CString::new(*done).expect("no NUL"));
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn dev_links_and_shm(dev: BorrowedFd<'_>) -> Result<(), SetupError> {
+    for (name, target) in DEV_LINKS {
+        let (n, t) = (CString::new(name).unwrap(), CString::new(target).unwrap());
+        sys::symlinkat(&t, dev, &n).map_err(err(format!("symlink /dev/{name}")))?;
+    }
+    sys::mkdirat(dev, c"shm", 0o1777).map_err(err("mkdir /dev/shm".into()))?;
+    // mkdir applies the umask; shm must be world-writable and sticky.
+    let shm = sys::openat(dev, c"shm", libc::O_DIRECTORY | libc::O_RDONLY, 0)
+        .map_err(err("open /dev/shm".into()))?;
+    // SAFETY: plain syscall on an fd we own.
+    if unsafe { libc::fchmod(std::os::fd::AsRawFd::as_raw_fd(&shm), 0o1777) } != 0 {
+        return Err(SetupError::new("chmod /dev/shm", Errno::last()));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Op {
     /// Mount the root (bind or overlay) at the staging point and open it.
@@ -86,9 +216,11 @@ pub(crate) enum Op {
         data: String,
     },
     Proc(PathBuf),
-    DevNode(&'static str),
-    DevSymlink(&'static str, &'static str),
-    DevDir(&'static str, libc::mode_t),
+    /// Fill the fresh tmpfs on `/dev`: device nodes, links, `shm`.
+    DevPopulate,
+    /// Bind the helper's read-only template of `/dev` (see
+    /// [`build_dev_template`]) on `/dev`, with everything under it.
+    DevFromTemplate(&'static CStr),
     /// Bind a subtree of the root onto itself, read-only or read-write.
     BindSelf {
         path: PathBuf,
@@ -119,7 +251,14 @@ fn ordered_subtrees(subtrees: &[Subtree]) -> Vec<Subtree> {
     out
 }
 
-pub(crate) fn plan(root: &Root, cwd: &Path, subtrees: &[Subtree]) -> Vec<Op> {
+/// `dev_template`: where the helper keeps a ready `/dev` to bind, if it could
+/// make one; otherwise each sandbox builds its own.
+pub(crate) fn plan(
+    root: &Root,
+    cwd: &Path,
+    subtrees: &[Subtree],
+    dev_template: Option<&'static CStr>,
+) -> Vec<Op> {
     let subtrees = ordered_subtrees(subtrees);
     let root_ro = subtrees
         .iter()
@@ -133,18 +272,25 @@ pub(crate) fn plan(root: &Root, cwd: &Path, subtrees: &[Subtree]) -> Vec<Op> {
         ops.push(Op::EnsureDir(cwd.to_path_buf()));
     }
     ops.push(Op::RemountRoot { read_only: root_ro });
-    ops.push(Op::Tmpfs {
-        target: "dev".into(),
-        flags: NOSUID_NODEV | libc::MS_NOEXEC,
-        data: "mode=0755,size=64k,nr_inodes=64".into(),
-    });
-    for n in DEV_NODES {
-        ops.push(Op::DevNode(n));
+    match dev_template {
+        Some(template) => {
+            ops.push(Op::DevFromTemplate(template));
+            // The template is shared and read-only; shm is each sandbox's own.
+            ops.push(Op::Tmpfs {
+                target: "dev/shm".into(),
+                flags: NOSUID_NODEV | libc::MS_NOEXEC,
+                data: "mode=1777".into(),
+            });
+        }
+        None => {
+            ops.push(Op::Tmpfs {
+                target: "dev".into(),
+                flags: NOSUID_NODEV | libc::MS_NOEXEC,
+                data: DEV_TMPFS_OPTIONS.into(),
+            });
+            ops.push(Op::DevPopulate);
+        }
     }
-    for (n, t) in DEV_LINKS {
-        ops.push(Op::DevSymlink(n, t));
-    }
-    ops.push(Op::DevDir("shm", 0o1777));
     ops.push(Op::Tmpfs {
         target: "tmp".into(),
         flags: NOSUID_NODEV,
@@ -382,26 +528,6 @@ impl Live {
         self.proc_.as_ref().expect("proc mounted first")
     }
 
-    fn dev_node(&self, name: &str) -> Result<(), SetupError> {
-        let name_c = CString::new(name).expect("no NUL");
-        sys::openat(
-            self.dev().as_fd(),
-            &name_c,
-            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
-            0o666,
-        )
-        .map_err(err(format!("create /dev/{name}")))?;
-        let src = CString::new(format!("/dev/{name}")).expect("no NUL");
-        sys::mount(
-            Some(&src),
-            &sys::fd_path(self.dev().as_fd(), Some(name)),
-            None,
-            libc::MS_BIND,
-            None,
-        )
-        .map_err(err(format!("bind host /dev/{name} on /dev/{name}")))
-    }
-
     fn bind_self(&self, path: &Path, read_only: bool) -> Result<(), SetupError> {
         let shown = format!("/{}", path.display());
         let fd = self
@@ -444,29 +570,22 @@ impl MountSys for Live {
                 data,
             } => self.tmpfs(target, *flags, data),
             Op::Proc(p) => self.proc(p),
-            Op::DevNode(n) => self.dev_node(n),
-            Op::DevSymlink(name, target) => {
-                let (n, t) = (CString::new(*name).unwrap(), CString::new(*target).unwrap());
-                sys::symlinkat(&t, self.dev().as_fd(), &n)
-                    .map_err(err(format!("symlink /dev/{name}")))
-            }
-            Op::DevDir(name, mode) => {
-                let n = CString::new(*name).unwrap();
-                sys::mkdirat(self.dev().as_fd(), &n, *mode)
-                    .map_err(err(format!("mkdir /dev/{name}")))?;
-                // mkdir applies the umask; shm must be world-writable and sticky.
-                let fd = sys::openat(
-                    self.dev().as_fd(),
-                    &n,
-                    libc::O_DIRECTORY | libc::O_RDONLY,
-                    0,
+            Op::DevPopulate => populate_dev(self.dev().as_fd(), DevNodes::Bind),
+            Op::DevFromTemplate(template) => {
+                let fd = self
+                    .resolve(Path::new("dev"), libc::O_DIRECTORY)
+                    .map_err(err("open /dev".into()))?;
+                sys::mount(
+                    Some(template),
+                    &sys::fd_path(fd.as_fd(), None),
+                    None,
+                    libc::MS_BIND | libc::MS_REC,
+                    None,
                 )
-                .map_err(err(format!("open /dev/{name}")))?;
-                // SAFETY: plain syscall on an fd we own.
-                if unsafe { libc::fchmod(std::os::fd::AsRawFd::as_raw_fd(&fd), *mode) } != 0 {
-                    return Err(SetupError::new(format!("chmod /dev/{name}"), Errno::last()));
-                }
-                Ok(())
+                .map_err(err(format!(
+                    "bind the /dev template ({}) on /dev",
+                    template.to_string_lossy()
+                )))
             }
             Op::BindSelf { path, read_only } => self.bind_self(path, *read_only),
             Op::WriteProc(rel, contents) => {
@@ -567,6 +686,7 @@ mod tests {
                 sub("usr/lib", false),
                 sub("usr", true),
             ],
+            None,
         );
         let binds: Vec<_> = ops
             .iter()
@@ -592,6 +712,7 @@ mod tests {
             &Root::Dir("/r".into()),
             Path::new("src/x"),
             &[sub("", true)],
+            None,
         );
         let pos = |want: &Op| ops.iter().position(|o| o == want).unwrap();
         let remount = pos(&Op::RemountRoot { read_only: true });
@@ -604,7 +725,7 @@ mod tests {
 
     #[test]
     fn userns_limit_is_written_before_proc_sys_turns_read_only() {
-        let ops = plan(&Root::Dir("/r".into()), Path::new(""), &[]);
+        let ops = plan(&Root::Dir("/r".into()), Path::new(""), &[], None);
         let w = ops
             .iter()
             .position(|o| matches!(o, Op::WriteProc("sys/user/max_user_namespaces", "0")))
@@ -615,6 +736,23 @@ mod tests {
             .unwrap();
         let proc_ = ops.iter().position(|o| matches!(o, Op::Proc(_))).unwrap();
         assert!(proc_ < w && w < ro);
+    }
+
+    #[test]
+    fn a_template_dev_gets_a_private_shm_and_no_tmpfs_of_its_own() {
+        let ops = plan(&Root::Dir("/r".into()), Path::new(""), &[], Some(c"/t"));
+        let pos = |want: &Op| ops.iter().position(|o| o == want);
+        let bind = pos(&Op::DevFromTemplate(c"/t")).unwrap();
+        let shm = ops
+            .iter()
+            .position(|o| matches!(o, Op::Tmpfs { target, .. } if target == Path::new("dev/shm")))
+            .unwrap();
+        assert!(bind < shm);
+        assert!(pos(&Op::DevPopulate).is_none());
+        assert!(
+            !ops.iter()
+                .any(|o| matches!(o, Op::Tmpfs { target, .. } if target == Path::new("dev")))
+        );
     }
 
     #[test]
@@ -639,7 +777,12 @@ mod tests {
 
     #[test]
     fn apply_stops_at_the_first_failure_and_says_where() {
-        let ops = plan(&Root::Dir("/r".into()), Path::new(""), &[sub("fail", true)]);
+        let ops = plan(
+            &Root::Dir("/r".into()),
+            Path::new(""),
+            &[sub("fail", true)],
+            None,
+        );
         let mut r = Recorder(Vec::new());
         let e = apply(&ops, &mut r).unwrap_err();
         assert_eq!(

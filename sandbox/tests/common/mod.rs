@@ -132,6 +132,7 @@ impl Scratch {
 }
 
 /// What a shell snippet did.
+#[derive(Debug)]
 pub struct Ran {
     pub outcome: Outcome,
     pub stdout: String,
