@@ -125,7 +125,25 @@ pub(crate) fn spec_for(req: &WireRequest, ctx: &SpecContext) -> Result<Spec, Str
             .build()
             .map_err(e)
     };
-    let mut mounts = vec![
+    // The marks' binds first, Kiln's own mounts over them: a mark on `proc`
+    // or `dev` (BuildStream marks both writable) is about the staged
+    // directory, and binding it last would hide the container's /proc and
+    // /dev behind an empty one.
+    let mut mounts = Vec::new();
+    for (dest, src, ro) in &ctx.subtree_sources {
+        let mut opts = vec!["rbind", "nosuid", "nodev"];
+        opts.push(if *ro { "ro" } else { "rw" });
+        mounts.push(
+            MountBuilder::default()
+                .destination(PathBuf::from("/").join(dest))
+                .typ("bind")
+                .source(src)
+                .options(opts.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .build()
+                .map_err(e)?,
+        );
+    }
+    mounts.extend([
         mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"])?,
         mount(
             "/dev",
@@ -140,20 +158,7 @@ pub(crate) fn spec_for(req: &WireRequest, ctx: &SpecContext) -> Result<Spec, Str
             &["nosuid", "noexec", "nodev", "mode=1777"],
         )?,
         mount("/tmp", "tmpfs", "tmpfs", &["nosuid", "nodev", "mode=1777"])?,
-    ];
-    for (dest, src, ro) in &ctx.subtree_sources {
-        let mut opts = vec!["rbind", "nosuid", "nodev"];
-        opts.push(if *ro { "ro" } else { "rw" });
-        mounts.push(
-            MountBuilder::default()
-                .destination(PathBuf::from("/").join(dest))
-                .typ("bind")
-                .source(src)
-                .options(opts.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .build()
-                .map_err(e)?,
-        );
-    }
+    ]);
     let mut ns: Vec<LinuxNamespaceType> = vec![
         LinuxNamespaceType::Pid,
         LinuxNamespaceType::Mount,
@@ -1056,6 +1061,9 @@ mod tests {
         let mounts = json["mounts"].as_array().unwrap();
         assert!(mounts.iter().any(|m| m["destination"] == "/out"
             && m["options"].as_array().unwrap().contains(&"rw".into())));
+        // Kiln's own mounts go over the marks' binds, never under them.
+        let pos = |d: &str| mounts.iter().position(|m| m["destination"] == d).unwrap();
+        assert!(pos("/out") < pos("/proc") && pos("/out") < pos("/dev"));
         assert_eq!(json["annotations"][WARNINGS_ANNOTATION], "w");
 
         let mut r = req();

@@ -211,19 +211,47 @@ fn mount_ptrace_mknod(mode: Mode, backend: BackendKind) {
 }
 
 fn proc_and_sys_are_read_only(mode: Mode, backend: BackendKind) {
+    proc_and_sys_stay_read_only_with_marks(mode, backend, &[]);
+}
+
+/// BuildStream marks `dev`, `proc` and `tmp` writable under a read-only
+/// root: those marks are about its staged directories and must not undo
+/// Kiln's /proc masks or take /dev away.
+fn proc_and_sys_are_read_only_with_buildstreams_marks(mode: Mode, backend: BackendKind) {
+    let marks = [("", true), ("dev", false), ("proc", false), ("tmp", false)];
+    proc_and_sys_stay_read_only_with_marks(mode, backend, &marks);
+}
+
+fn proc_and_sys_stay_read_only_with_marks(
+    mode: Mode,
+    backend: BackendKind,
+    marks: &[(&str, bool)],
+) {
     let fx = need_fixture!();
     let l = launcher(mode, backend);
     let s = Scratch::new(&fx, mode);
+    let subtrees: Vec<Subtree> = marks
+        .iter()
+        .map(|(p, ro)| Subtree {
+            path: p.into(),
+            read_only: *ro,
+        })
+        .collect();
     // Opening for write is enough to prove it; nothing is written.
-    let r = run_sh(
+    let r = run_sh_with(
         &l,
         &s,
-        "for f in /proc/sysrq-trigger /proc/sys/vm/drop_caches /proc/sys/kernel/core_pattern \
+        "echo x > /dev/null && echo null-ok; touch /tmp/t && echo tmp-ok; \
+         head -c 1 /proc/keys 2>/dev/null | wc -c; \
+         for f in /proc/sysrq-trigger /proc/sys/vm/drop_caches /proc/sys/kernel/core_pattern \
          /proc/sys/net/ipv4/ip_forward /proc/sys/user/max_user_namespaces; do \
            if (exec 3>>$f) 2>/dev/null; then echo WRITABLE $f; else echo denied $f; fi; done; \
          cat /proc/sys/user/max_user_namespaces; cat /proc/kcore 2>&1 | head -c 10 | wc -c; ls /sys 2>&1 | head -1",
+        |q| q.subtrees = subtrees,
     );
     assert!(!r.stdout.contains("WRITABLE"), "{}", r.stdout);
+    // /proc/keys is masked with /dev/null: nothing to read.
+    assert!(r.stdout.starts_with("null-ok\ntmp-ok\n0\n"), "{}", r.stdout);
     assert_eq!(r.stdout.matches("denied").count(), 5, "{}", r.stdout);
     assert!(
         r.stdout.contains("\n0\n"),
@@ -424,6 +452,7 @@ fn nothing_carries_over_between_sandboxes(mode: Mode, backend: BackendKind) {
 
 matrix!(
     nothing_carries_over_between_sandboxes,
+    proc_and_sys_are_read_only_with_buildstreams_marks,
     read_host_file,
     reach_host_tcp,
     see_host_processes,

@@ -216,7 +216,8 @@ pub(crate) enum Op {
         data: String,
     },
     Proc(PathBuf),
-    /// Fill the fresh tmpfs on `/dev`: device nodes, links, `shm`.
+    /// Fill the fresh tmpfs on `/dev` (device nodes, links, `shm`) and make
+    /// it read-only, like the helper's template.
     DevPopulate,
     /// Bind the helper's read-only template of `/dev` (see
     /// [`build_dev_template`]) on `/dev`, with everything under it.
@@ -272,16 +273,19 @@ pub(crate) fn plan(
         ops.push(Op::EnsureDir(cwd.to_path_buf()));
     }
     ops.push(Op::RemountRoot { read_only: root_ro });
+    // The marks are about the input root, so they go on before Kiln's own
+    // mounts, which then cover them: a mark on `proc` or `dev` (BuildStream
+    // marks both writable under a read-only root), or a staged path whose
+    // symlinks lead there, must never rebind Kiln's /proc on itself without
+    // its masks, nor touch the shared /dev.
+    for s in subtrees.iter().filter(|s| !s.path.as_os_str().is_empty()) {
+        ops.push(Op::BindSelf {
+            path: s.path.clone(),
+            read_only: s.read_only,
+        });
+    }
     match dev_template {
-        Some(template) => {
-            ops.push(Op::DevFromTemplate(template));
-            // The template is shared and read-only; shm is each sandbox's own.
-            ops.push(Op::Tmpfs {
-                target: "dev/shm".into(),
-                flags: NOSUID_NODEV | libc::MS_NOEXEC,
-                data: "mode=1777".into(),
-            });
-        }
+        Some(template) => ops.push(Op::DevFromTemplate(template)),
         None => {
             ops.push(Op::Tmpfs {
                 target: "dev".into(),
@@ -291,18 +295,18 @@ pub(crate) fn plan(
             ops.push(Op::DevPopulate);
         }
     }
+    // /dev is read-only either way; shm is each sandbox's own.
+    ops.push(Op::Tmpfs {
+        target: "dev/shm".into(),
+        flags: NOSUID_NODEV | libc::MS_NOEXEC,
+        data: "mode=1777".into(),
+    });
     ops.push(Op::Tmpfs {
         target: "tmp".into(),
         flags: NOSUID_NODEV,
         data: "mode=1777".into(),
     });
     ops.push(Op::Proc("proc".into()));
-    for s in subtrees.iter().filter(|s| !s.path.as_os_str().is_empty()) {
-        ops.push(Op::BindSelf {
-            path: s.path.clone(),
-            read_only: s.read_only,
-        });
-    }
     // No nested user namespaces: without them an action can never hold
     // CAP_SYS_ADMIN again, so it cannot mount, unmount Kiln's masks or ptrace
     // across a namespace boundary. Must precede making /proc/sys read-only.
@@ -570,7 +574,21 @@ impl MountSys for Live {
                 data,
             } => self.tmpfs(target, *flags, data),
             Op::Proc(p) => self.proc(p),
-            Op::DevPopulate => populate_dev(self.dev().as_fd(), DevNodes::Bind),
+            Op::DevPopulate => {
+                populate_dev(self.dev().as_fd(), DevNodes::Bind)?;
+                sys::mount(
+                    None,
+                    &sys::fd_path(self.dev().as_fd(), None),
+                    None,
+                    libc::MS_REMOUNT
+                        | libc::MS_BIND
+                        | libc::MS_RDONLY
+                        | NOSUID_NODEV
+                        | libc::MS_NOEXEC,
+                    None,
+                )
+                .map_err(err("remount /dev read-only".into()))
+            }
             Op::DevFromTemplate(template) => {
                 let fd = self
                     .resolve(Path::new("dev"), libc::O_DIRECTORY)
@@ -736,6 +754,34 @@ mod tests {
             .unwrap();
         let proc_ = ops.iter().position(|o| matches!(o, Op::Proc(_))).unwrap();
         assert!(proc_ < w && w < ro);
+    }
+
+    #[test]
+    fn marks_go_on_before_kilns_own_mounts() {
+        let marks = [
+            sub("", true),
+            sub("dev", false),
+            sub("proc", false),
+            sub("tmp", false),
+            sub("buildstream-install", false),
+        ];
+        for template in [None, Some(c"/t")] {
+            let ops = plan(&Root::Dir("/r".into()), Path::new(""), &marks, template);
+            let last_bind = ops
+                .iter()
+                .rposition(|o| matches!(o, Op::BindSelf { .. }))
+                .unwrap();
+            let first_kiln = ops
+                .iter()
+                .position(|o| {
+                    matches!(
+                        o,
+                        Op::Tmpfs { .. } | Op::Proc(_) | Op::DevFromTemplate(_) | Op::DevPopulate
+                    )
+                })
+                .unwrap();
+            assert!(last_bind < first_kiln, "{ops:?}");
+        }
     }
 
     #[test]
