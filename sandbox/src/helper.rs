@@ -3,7 +3,9 @@
 //! receives requests on a unix socket and `clone3`s each sandbox's init
 //! straight into its namespaces — cheap, and safe because nothing else runs
 //! in this process. It also reaps the inits, enforces timeouts and owns the
-//! pools of ready network and IPC namespaces.
+//! pools of ready network and IPC namespaces. It keeps the next sandbox's
+//! init made ahead (a spare, for uid/gid 0 without network: most requests),
+//! so a request usually skips `clone3` and half the set-up.
 //!
 //! [`Launcher`]: crate::Launcher
 
@@ -23,6 +25,11 @@ use crate::userns::{self, idmap::IdMap, nspool::NsPool};
 pub(crate) const CTL_FD_ENV: &str = "KILN_SANDBOX_HELPER_FD";
 /// How long the helper waits without a request before refilling its pools.
 const REFILL_AFTER_IDLE_MS: i32 = 1;
+/// How long after starting a sandbox the helper makes the next spare init:
+/// past the set-up of the one just started (which the spare's `clone3` would
+/// otherwise slow down when both land on one CPU), and in time for a worker
+/// that starts sandboxes back to back.
+const SPARE_AFTER: Duration = Duration::from_micros(600);
 pub(crate) const POOL_ENV: &str = "KILN_SANDBOX_NETNS_POOL";
 /// `userns` or `oci`: the backend this helper serves.
 pub(crate) const BACKEND_ENV: &str = "KILN_SANDBOX_BACKEND";
@@ -57,6 +64,16 @@ pub(crate) struct Action {
     dropped: bool,
 }
 
+/// A sandbox init made ahead of its request, waiting on `chan`.
+struct Spare {
+    pid: libc::pid_t,
+    pidfd: OwnedFd,
+    chan: OwnedFd,
+    netns: Option<OwnedFd>,
+    /// It said it is prepared.
+    ready: bool,
+}
+
 struct Helper {
     ctl: OwnedFd,
     netns_pool: Option<NsPool>,
@@ -67,6 +84,12 @@ struct Helper {
     base: CString,
     /// Where the read-only `/dev` every sandbox binds is, if one was built.
     dev_template: Option<&'static std::ffi::CStr>,
+    /// Whether this helper makes spare inits (the userns backend does).
+    spares: bool,
+    /// The next sandbox's init, made ahead (see [`userns::spare_main`]).
+    spare: Option<Spare>,
+    /// When the next spare is due.
+    spare_at: Option<Instant>,
     last_cap: libc::c_ulong,
     actions: Vec<Action>,
 }
@@ -217,6 +240,9 @@ impl Helper {
             privileged,
             base: CString::new(base).expect("no NUL"),
             dev_template,
+            spares: std::env::var(BACKEND_ENV).as_deref() == Ok("userns"),
+            spare: None,
+            spare_at: Some(Instant::now()),
             last_cap: sys::last_cap(),
             actions: Vec::new(),
         })
@@ -237,6 +263,14 @@ impl Helper {
             if refill && !(0..REFILL_AFTER_IDLE_MS).contains(&timeout_ms) {
                 timeout_ms = REFILL_AFTER_IDLE_MS;
             }
+            let mut timeout = (timeout_ms >= 0).then(|| Duration::from_millis(timeout_ms as u64));
+            let spare_due = self
+                .spare_at
+                .filter(|_| self.spares && self.spare.is_none());
+            if let Some(at) = spare_due {
+                let left = at.saturating_duration_since(Instant::now());
+                timeout = Some(timeout.map_or(left, |t| t.min(left)));
+            }
             let n_actions = self.actions.len();
             let mut pfds: Vec<libc::pollfd> = std::iter::once(self.ctl.as_raw_fd())
                 .chain(self.actions.iter().map(|a| a.pidfd.as_raw_fd()))
@@ -256,8 +290,22 @@ impl Helper {
                     events: 0,
                     revents: 0,
                 }))
+                .chain(self.spare.iter().flat_map(|s| {
+                    [s.chan.as_raw_fd(), s.pidfd.as_raw_fd()].map(|fd| libc::pollfd {
+                        fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    })
+                }))
                 .collect();
-            let n = sys::poll_readable(&mut pfds, timeout_ms).map_err(|e| format!("poll: {e}"))?;
+            let n = sys::ppoll_readable(&mut pfds, timeout).map_err(|e| format!("poll: {e}"))?;
+            if let [.., chan, pidfd] = pfds[1 + 2 * n_actions..] {
+                self.spare_news(chan.revents, pidfd.revents);
+            }
+            if n == 0 && spare_due.is_some_and(|at| at <= Instant::now()) {
+                self.make_spare();
+                continue;
+            }
             let deadline_due = next_deadline.is_some_and(|d| d <= Instant::now());
             if n == 0 && refill && !deadline_due {
                 for p in [self.netns_pool.as_mut(), self.ipc_pool.as_mut()]
@@ -269,7 +317,10 @@ impl Helper {
                 }
                 continue;
             }
-            for p in pfds[1 + n_actions..].iter().filter(|p| p.revents != 0) {
+            for p in pfds[1 + n_actions..1 + 2 * n_actions]
+                .iter()
+                .filter(|p| p.revents != 0)
+            {
                 if let Some(a) = self.actions.iter_mut().find(|a| a.sock.as_raw_fd() == p.fd) {
                     a.dropped = true;
                     let _ = sys::pidfd_send_signal(a.pidfd.as_fd(), libc::SIGKILL);
@@ -310,6 +361,7 @@ impl Helper {
         // (finished ones live on in the fds the launcher held). OCI monitors
         // are not: they see their launcher's end close, kill their
         // container and clean up its state and cgroups, which takes a moment.
+        self.drop_spare();
         for a in self.actions.iter().filter(|a| !a.monitor) {
             let _ = sys::pidfd_send_signal(a.pidfd.as_fd(), libc::SIGKILL);
         }
@@ -461,8 +513,67 @@ impl Helper {
         if req.backend == BackendKind::Oci {
             return crate::oci::start_in_helper(self_ctx(self), req, sock, stdout, stderr);
         }
+        self.spare_at = Some(Instant::now() + SPARE_AFTER);
+        if req.uid == 0
+            && req.gid == 0
+            && !req.network
+            && let Some(a) = self.hand_to_spare(&req, sock, &stdout, &stderr)
+        {
+            return Ok(a);
+        }
+        let ids = self.ids(req.uid, req.gid);
+        let base = self.base.clone();
+        let (dev_template, last_cap) = (self.dev_template, self.last_cap);
+        let action = sock.try_clone();
+        let timeout = req.timeout;
+        let (pid, pidfd, netns) = self.clone_init(req.network, move |fresh_netns| {
+            let action = action.unwrap_or_else(|_| sys::exit_now(3));
+            userns::init_main(userns::InitArgs {
+                req,
+                action,
+                stdout,
+                stderr,
+                ids,
+                base,
+                dev_template,
+                fresh_netns,
+                last_cap,
+            })
+        })?;
+        Ok(Action {
+            pidfd,
+            pid,
+            sock: sock
+                .try_clone()
+                .map_err(|_| SetupError::new("dup action socket", Errno::EMFILE))?,
+            deadline: timeout.map(|t| Instant::now() + t),
+            netns,
+            timed_out: false,
+            monitor: false,
+            dropped: false,
+        })
+    }
+
+    fn ids(&self, inside_uid: u32, inside_gid: u32) -> IdMap {
+        IdMap {
+            inside_uid,
+            inside_gid,
+            outside_uid: self.outside_uid,
+            outside_gid: self.outside_gid,
+        }
+    }
+
+    /// `clone3`s an init into fresh namespaces (pooled network and IPC ones
+    /// joined) to run `child` (which never returns), told whether its
+    /// network namespace is brand-new. Returns its pid, pidfd and the pooled network namespace
+    /// it holds.
+    fn clone_init(
+        &mut self,
+        network: bool,
+        child: impl FnOnce(bool),
+    ) -> Result<(libc::pid_t, OwnedFd, Option<OwnedFd>), SetupError> {
         let mut flags = userns::NS_FLAGS;
-        let netns = if req.network {
+        let netns = if network {
             None
         } else {
             take_pooled(&mut self.netns_pool, libc::CLONE_NEWNET, &mut flags)?
@@ -474,7 +585,6 @@ impl Helper {
                 return Err(e);
             }
         };
-        let req_ids = (req.uid, req.gid);
         let fresh_netns = flags & libc::CLONE_NEWNET as u64 != 0;
         if let Err(e) = self.enter_pooled(netns.as_ref(), ipcns.as_ref()) {
             self.give_back_netns(netns);
@@ -487,44 +597,125 @@ impl Helper {
         if matches!(forked, Ok(Forked::Parent { .. }) | Err(_)) {
             self.leave_pooled(netns.is_some(), ipcns.is_some());
         }
-        let (pid, pidfd) = match forked {
+        match forked {
             Err(e) => {
                 self.give_back_netns(netns);
-                return Err(SetupError::new("clone3 into new namespaces", e));
+                Err(SetupError::new("clone3 into new namespaces", e))
             }
             Ok(Forked::Child) => {
-                let action = sock.try_clone().unwrap_or_else(|_| sys::exit_now(3));
-                userns::init_main(userns::InitArgs {
-                    req,
-                    action,
-                    stdout,
-                    stderr,
-                    ids: IdMap {
-                        inside_uid: req_ids.0,
-                        inside_gid: req_ids.1,
-                        outside_uid: self.outside_uid,
-                        outside_gid: self.outside_gid,
-                    },
-                    base: self.base.clone(),
-                    dev_template: self.dev_template,
-                    fresh_netns,
-                    last_cap: self.last_cap,
+                child(fresh_netns);
+                // The inits never return.
+                sys::exit_now(3)
+            }
+            Ok(Forked::Parent { pid, pidfd }) => Ok((pid, pidfd, netns)),
+        }
+    }
+
+    /// Makes the next sandbox's init ahead of its request.
+    fn make_spare(&mut self) {
+        self.spare_at = None;
+        let (mine, theirs) = match sys::socketpair_seqpacket() {
+            Ok(p) => p,
+            Err(e) => return self.no_more_spares(&e.to_string()),
+        };
+        let ids = self.ids(0, 0);
+        let base = self.base.clone();
+        let (dev_template, last_cap) = (self.dev_template, self.last_cap);
+        match self.clone_init(false, move |fresh_netns| {
+            userns::spare_main(userns::SpareArgs {
+                chan: theirs,
+                ids,
+                base,
+                dev_template,
+                fresh_netns,
+                last_cap,
+            })
+        }) {
+            Ok((pid, pidfd, netns)) => {
+                self.spare = Some(Spare {
+                    pid,
+                    pidfd,
+                    chan: mine,
+                    netns,
+                    ready: false,
                 })
             }
-            Ok(Forked::Parent { pid, pidfd }) => (pid, pidfd),
+            Err(e) => self.no_more_spares(&e.to_string()),
+        }
+    }
+
+    fn no_more_spares(&mut self, why: &str) {
+        tracing::warn!("sandbox helper: no spare inits ({why}): every sandbox starts from clone3");
+        self.spares = false;
+    }
+
+    /// What the spare's channel and pidfd said in the last poll.
+    fn spare_news(&mut self, chan: libc::c_short, pidfd: libc::c_short) {
+        let Some(s) = self.spare.as_mut() else {
+            return;
         };
-        Ok(Action {
-            pidfd,
-            pid,
-            sock: sock
-                .try_clone()
-                .map_err(|_| SetupError::new("dup action socket", Errno::EMFILE))?,
-            deadline: req.timeout.map(|t| Instant::now() + t),
-            netns,
-            timed_out: false,
-            monitor: false,
-            dropped: false,
-        })
+        let mut gone = pidfd != 0;
+        if !gone && chan & libc::POLLIN != 0 {
+            let mut b = [0u8; 1];
+            match sys::read(s.chan.as_fd(), &mut b) {
+                Ok(1) => s.ready = true,
+                _ => gone = true,
+            }
+        } else if chan & (libc::POLLHUP | libc::POLLERR) != 0 {
+            gone = true;
+        }
+        if gone {
+            // It could not prepare (it says nothing and exits): once is
+            // enough to stop trying.
+            self.drop_spare();
+            self.no_more_spares("a spare init exited before its request");
+        }
+    }
+
+    fn drop_spare(&mut self) {
+        if let Some(s) = self.spare.take() {
+            let _ = sys::pidfd_send_signal(s.pidfd.as_fd(), libc::SIGKILL);
+            let _ = sys::waitid_pidfd(s.pidfd.as_fd());
+            self.give_back_netns(s.netns);
+        }
+    }
+
+    /// Gives `req` to the spare init if it is prepared: the sandbox then
+    /// skips its `clone3`, ids and `/proc`.
+    fn hand_to_spare(
+        &mut self,
+        req: &WireRequest,
+        sock: &OwnedFd,
+        stdout: &OwnedFd,
+        stderr: &OwnedFd,
+    ) -> Option<Action> {
+        let s = self.spare.take_if(|s| s.ready)?;
+        let sent = protocol::send(
+            s.chan.as_fd(),
+            req,
+            &[sock.as_fd(), stdout.as_fd(), stderr.as_fd()],
+        );
+        let dup = sock.try_clone();
+        match (sent, dup) {
+            (Ok(()), Ok(sock)) => {
+                tracing::debug!(pid = s.pid, "sandbox starts from the spare init");
+                Some(Action {
+                    pidfd: s.pidfd,
+                    pid: s.pid,
+                    sock,
+                    deadline: req.timeout.map(|t| Instant::now() + t),
+                    netns: s.netns,
+                    timed_out: false,
+                    monitor: false,
+                    dropped: false,
+                })
+            }
+            _ => {
+                self.spare = Some(s);
+                self.drop_spare();
+                None
+            }
+        }
     }
 }
 

@@ -602,6 +602,33 @@ pub fn poll_readable(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> SysRe
     }
 }
 
+/// [`poll_readable`] with a timeout finer than a millisecond (`None`: none).
+pub fn ppoll_readable(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> SysResult<usize> {
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_nsec: t.subsec_nanos() as libc::c_long,
+    });
+    loop {
+        // SAFETY: valid slice of pollfds and an optional valid timespec.
+        let r = unsafe {
+            libc::ppoll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                ts.as_ref()
+                    .map_or(std::ptr::null(), |t| t as *const libc::timespec),
+                std::ptr::null(),
+            )
+        };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = Errno::last();
+        if e != Errno::EINTR {
+            return Err(e);
+        }
+    }
+}
+
 /// Linux capability sets, version 3 (64 capabilities).
 #[repr(C)]
 struct CapHeader {

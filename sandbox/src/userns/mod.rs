@@ -8,6 +8,10 @@
 //! mount namespace and itself) to the launcher, runs the command as PID 2,
 //! and reports `Finished` after killing everything else.
 //!
+//! Usually the helper has made it ahead, as a spare ([`spare_main`]): the
+//! uid/gid maps and `/proc` with its masks (the half of the set-up that does
+//! not depend on the request) are then done before the request arrives.
+//!
 //! It exits 0 once it has reported (set-up error or outcome); any other end
 //! tells the helper the launcher still needs to hear something.
 
@@ -17,13 +21,14 @@ pub(crate) mod mounts;
 pub(crate) mod nspool;
 
 use std::ffi::CString;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
 use crate::error::SetupError;
 use crate::init::{self, Exec};
-use crate::protocol::{self, Reply, WireRequest};
+use crate::protocol::{self, Received, Reply, WireRequest};
 use crate::sys;
+use mounts::ProcSetup;
 
 /// Namespaces every sandbox gets new; it also gets a new IPC namespace and,
 /// when the network is off, a new network namespace: joined from the
@@ -54,18 +59,100 @@ pub(crate) struct InitArgs {
 pub(crate) fn init_main(a: InitArgs) -> ! {
     // Only what this sandbox needs stays open: the helper's other sockets,
     // pidfds and pooled namespaces must not leak into (or be kept alive by) it.
-    let mut keep = [
+    keep_only(&[
         a.action.as_raw_fd(),
         a.stdout.as_raw_fd(),
         a.stderr.as_raw_fd(),
-        0,
-        1,
-        2,
-    ];
+    ]);
+    let prologue = a
+        .ids
+        .write_self()
+        .map_err(|(file, e)| SetupError::new(format!("write /proc/self/{file}"), e));
+    run_init(a, prologue, ProcSetup::Fresh)
+}
+
+/// What a spare init needs until its request comes.
+pub(crate) struct SpareArgs {
+    /// Where the request comes from; one byte goes back when prepared.
+    pub chan: OwnedFd,
+    pub ids: idmap::IdMap,
+    pub base: CString,
+    pub dev_template: Option<&'static std::ffi::CStr>,
+    pub fresh_netns: bool,
+    pub last_cap: libc::c_ulong,
+}
+
+/// Entry of a spare init: a sandbox's init made ahead of its request. It
+/// does everything that does not depend on the request (ids, `/proc` with
+/// its masks, `lo`), says so with one byte, then waits for the request and
+/// its fds and goes on as [`init_main`]. The helper hands it only requests
+/// for uid/gid 0 without network; it exits if the helper hangs up first.
+pub(crate) fn spare_main(s: SpareArgs) -> ! {
+    keep_only(&[s.chan.as_raw_fd()]);
+    let prepared = s
+        .ids
+        .write_self()
+        .map_err(|(file, e)| SetupError::new(format!("write /proc/self/{file}"), e))
+        .and_then(|()| private_root())
+        .and_then(|()| mounts::prepare_proc())
+        .and_then(|()| {
+            if s.fresh_netns {
+                sys::loopback_up().map_err(|e| SetupError::new("bring up lo", e))
+            } else {
+                Ok(())
+            }
+        });
+    if prepared.is_err() {
+        // Not usable: the helper sees the hang-up and makes sandboxes fresh.
+        sys::exit_now(0);
+    }
+    if sys::write_all(s.chan.as_fd(), b"R").is_err() {
+        sys::exit_now(0);
+    }
+    let (req, fds) = match protocol::recv::<WireRequest>(s.chan.as_fd(), 3) {
+        Ok(Received::Msg(req, fds)) if fds.len() == 3 => (req, fds),
+        _ => sys::exit_now(0),
+    };
+    drop(s.chan);
+    let [action, stdout, stderr]: [OwnedFd; 3] = match fds.try_into() {
+        Ok(f) => f,
+        Err(_) => sys::exit_now(0),
+    };
+    run_init(
+        InitArgs {
+            req,
+            action,
+            stdout,
+            stderr,
+            ids: s.ids,
+            base: s.base,
+            dev_template: s.dev_template,
+            fresh_netns: false,
+            last_cap: s.last_cap,
+        },
+        Ok(()),
+        ProcSetup::Prepared,
+    )
+}
+
+/// Closes every fd but `fds` and 0..2, and ties us to the helper: if it
+/// goes, its timeouts go with it, so must we.
+fn keep_only(fds: &[RawFd]) {
+    let mut keep: Vec<RawFd> = fds.iter().copied().chain([0, 1, 2]).collect();
     keep.sort_unstable();
     let _ = sys::close_all_except(&keep);
-    // If the helper goes, its timeouts go with it: so must we.
     let _ = sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+}
+
+/// Nothing we mount may propagate back to the host.
+fn private_root() -> Result<(), SetupError> {
+    sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None)
+        .map_err(|e| SetupError::new("make / private", e))
+}
+
+/// The rest of an init's life once its request is known: set up, report
+/// `Ready`, run the command, report `Finished`.
+fn run_init(a: InitArgs, prologue: Result<(), SetupError>, proc: ProcSetup) -> ! {
     let action = a.action;
     let report = |r: &Reply, fds: &[std::os::fd::BorrowedFd<'_>]| {
         if protocol::send(action.as_fd(), r, fds).is_err() {
@@ -73,18 +160,14 @@ pub(crate) fn init_main(a: InitArgs) -> ! {
             sys::exit_now(2);
         }
     };
-    let ready = match a
-        .ids
-        .write_self()
-        .map_err(|(file, e)| SetupError::new(format!("write /proc/self/{file}"), e))
-        .and_then(|()| set_up(&a.req, a.base, a.dev_template, a.fresh_netns))
-    {
-        Ok(r) => r,
-        Err(e) => {
-            report(&Reply::Error(e), &[]);
-            sys::exit_now(0);
-        }
-    };
+    let ready =
+        match prologue.and_then(|()| set_up(&a.req, a.base, a.dev_template, a.fresh_netns, proc)) {
+            Ok(r) => r,
+            Err(e) => {
+                report(&Reply::Error(e), &[]);
+                sys::exit_now(0);
+            }
+        };
     report(
         &Reply::Ready {
             kiln_mounts: mounts::KILN_MOUNTS.iter().map(PathBuf::from).collect(),
@@ -121,11 +204,12 @@ fn set_up(
     base: CString,
     dev_template: Option<&'static std::ffi::CStr>,
     fresh_netns: bool,
+    proc: ProcSetup,
 ) -> Result<Ready, SetupError> {
-    // Nothing we mount may propagate back to the host.
-    sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None)
-        .map_err(|e| SetupError::new("make / private", e))?;
-    let ops = mounts::plan(&req.root, &req.cwd, &req.subtrees, dev_template);
+    if proc == ProcSetup::Fresh {
+        private_root()?;
+    }
+    let ops = mounts::plan(&req.root, &req.cwd, &req.subtrees, dev_template, proc);
     let mut live = mounts::Live::new(base);
     mounts::apply(&ops, &mut live)?;
     let root = live.root_fd().expect("root mounted");

@@ -113,6 +113,30 @@ pub(crate) fn build_dev_template() -> Result<(), SetupError> {
     .map_err(err("make the /dev template read-only".into()))
 }
 
+/// Mounts the sandbox's `/proc`, with its masks, over `/proc` of the
+/// calling spare init's own mount and PID namespaces, ahead of any request;
+/// [`Op::MoveProc`] later moves it into the root. Until then the spare's own
+/// `/proc/self` paths resolve through it.
+pub(crate) fn prepare_proc() -> Result<(), SetupError> {
+    sys::mount(
+        Some(c"proc"),
+        c"/proc",
+        Some(c"proc"),
+        NOSUID_NODEV | libc::MS_NOEXEC,
+        None,
+    )
+    .map_err(err("mount proc on /proc".into()))?;
+    let fd = sys::open(c"/proc", libc::O_PATH | libc::O_DIRECTORY, 0)
+        .map_err(err("open /proc".into()))?;
+    let mut live = Live {
+        base: CString::default(),
+        root: None,
+        dev: None,
+        proc_: Some(fd),
+    };
+    apply(&proc_ops(), &mut live)
+}
+
 /// How [`populate_dev`] makes the device nodes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum DevNodes {
@@ -216,6 +240,9 @@ pub(crate) enum Op {
         data: String,
     },
     Proc(PathBuf),
+    /// Move the `/proc` a spare init prepared (see [`prepare_proc`]), masks
+    /// and all, to `proc` in the root.
+    MoveProc,
     /// Fill the fresh tmpfs on `/dev` (device nodes, links, `shm`) and make
     /// it read-only, like the helper's template.
     DevPopulate,
@@ -252,6 +279,15 @@ fn ordered_subtrees(subtrees: &[Subtree]) -> Vec<Subtree> {
     out
 }
 
+/// How the sandbox's `/proc` comes about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ProcSetup {
+    /// Mounted and masked now.
+    Fresh,
+    /// Made ahead by a spare init at `/proc` of its own mount namespace.
+    Prepared,
+}
+
 /// `dev_template`: where the helper keeps a ready `/dev` to bind, if it could
 /// make one; otherwise each sandbox builds its own.
 pub(crate) fn plan(
@@ -259,6 +295,7 @@ pub(crate) fn plan(
     cwd: &Path,
     subtrees: &[Subtree],
     dev_template: Option<&'static CStr>,
+    proc: ProcSetup,
 ) -> Vec<Op> {
     let subtrees = ordered_subtrees(subtrees);
     let root_ro = subtrees
@@ -306,7 +343,20 @@ pub(crate) fn plan(
         flags: NOSUID_NODEV,
         data: "mode=1777".into(),
     });
-    ops.push(Op::Proc("proc".into()));
+    match proc {
+        ProcSetup::Fresh => {
+            ops.push(Op::Proc("proc".into()));
+            ops.extend(proc_ops());
+        }
+        ProcSetup::Prepared => ops.push(Op::MoveProc),
+    }
+    ops
+}
+
+/// What makes a fresh `/proc` Kiln's: no nested user namespaces, runc's
+/// masked and read-only paths.
+fn proc_ops() -> Vec<Op> {
+    let mut ops = Vec::new();
     // No nested user namespaces: without them an action can never hold
     // CAP_SYS_ADMIN again, so it cannot mount, unmount Kiln's masks or ptrace
     // across a namespace boundary. Must precede making /proc/sys read-only.
@@ -574,6 +624,19 @@ impl MountSys for Live {
                 data,
             } => self.tmpfs(target, *flags, data),
             Op::Proc(p) => self.proc(p),
+            Op::MoveProc => {
+                let fd = self
+                    .resolve(Path::new("proc"), libc::O_DIRECTORY)
+                    .map_err(err("open /proc".into()))?;
+                sys::mount(
+                    Some(c"/proc"),
+                    &sys::fd_path(fd.as_fd(), None),
+                    None,
+                    libc::MS_MOVE,
+                    None,
+                )
+                .map_err(err("move the prepared /proc into the root".into()))
+            }
             Op::DevPopulate => {
                 populate_dev(self.dev().as_fd(), DevNodes::Bind)?;
                 sys::mount(
@@ -705,6 +768,7 @@ mod tests {
                 sub("usr", true),
             ],
             None,
+            ProcSetup::Fresh,
         );
         let binds: Vec<_> = ops
             .iter()
@@ -731,6 +795,7 @@ mod tests {
             Path::new("src/x"),
             &[sub("", true)],
             None,
+            ProcSetup::Fresh,
         );
         let pos = |want: &Op| ops.iter().position(|o| o == want).unwrap();
         let remount = pos(&Op::RemountRoot { read_only: true });
@@ -743,7 +808,13 @@ mod tests {
 
     #[test]
     fn userns_limit_is_written_before_proc_sys_turns_read_only() {
-        let ops = plan(&Root::Dir("/r".into()), Path::new(""), &[], None);
+        let ops = plan(
+            &Root::Dir("/r".into()),
+            Path::new(""),
+            &[],
+            None,
+            ProcSetup::Fresh,
+        );
         let w = ops
             .iter()
             .position(|o| matches!(o, Op::WriteProc("sys/user/max_user_namespaces", "0")))
@@ -766,7 +837,13 @@ mod tests {
             sub("buildstream-install", false),
         ];
         for template in [None, Some(c"/t")] {
-            let ops = plan(&Root::Dir("/r".into()), Path::new(""), &marks, template);
+            let ops = plan(
+                &Root::Dir("/r".into()),
+                Path::new(""),
+                &marks,
+                template,
+                ProcSetup::Fresh,
+            );
             let last_bind = ops
                 .iter()
                 .rposition(|o| matches!(o, Op::BindSelf { .. }))
@@ -786,7 +863,13 @@ mod tests {
 
     #[test]
     fn a_template_dev_gets_a_private_shm_and_no_tmpfs_of_its_own() {
-        let ops = plan(&Root::Dir("/r".into()), Path::new(""), &[], Some(c"/t"));
+        let ops = plan(
+            &Root::Dir("/r".into()),
+            Path::new(""),
+            &[],
+            Some(c"/t"),
+            ProcSetup::Fresh,
+        );
         let pos = |want: &Op| ops.iter().position(|o| o == want);
         let bind = pos(&Op::DevFromTemplate(c"/t")).unwrap();
         let shm = ops
@@ -828,6 +911,7 @@ mod tests {
             Path::new(""),
             &[sub("fail", true)],
             None,
+            ProcSetup::Fresh,
         );
         let mut r = Recorder(Vec::new());
         let e = apply(&ops, &mut r).unwrap_err();

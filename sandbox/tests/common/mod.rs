@@ -342,3 +342,9 @@ macro_rules! matrix {
         }
     };
 }
+
+/// Gives the helper time to make its spare init (the next sandbox's, made
+/// ahead of its request) so the run that follows starts from it.
+pub fn let_the_spare_get_ready() {
+    std::thread::sleep(std::time::Duration::from_millis(50));
+}
