@@ -316,24 +316,29 @@ fn leave_process_after_timeout(mode: Mode, backend: BackendKind) {
     f.release();
 
     // The same when the command simply exits, leaving daemons behind.
-    let script =
-        format!("setsid sh -c 'sleep 1000; : {marker}' & sh -c 'sleep 1000; : {marker}' & exit 0");
+    // (The short sleep keeps the init alive long enough for us to find its
+    // namespace; were it gone already, so would be every process in it.)
+    let script = format!(
+        "setsid sh -c 'sleep 1000; : {marker}' & sh -c 'sleep 1000; : {marker}' & sleep 0.3; exit 0"
+    );
     let req = sh_request(Root::Dir(s.root()), &script, &out, &err);
     let running = l.spawn(req).unwrap();
-    let pid = running.pid().unwrap();
-    let ns = std::fs::read_link(format!("/proc/{pid}/ns/pid"))
-        .unwrap()
-        .to_string_lossy()
-        .into_owned();
+    let init = running.pid().and_then(|pid| {
+        let ns = std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok()?;
+        Some((pid, ns.to_string_lossy().into_owned()))
+    });
     let f = running.wait().unwrap();
     assert_eq!(f.outcome.status, ExitStatus::Exited(0));
+    assert_eq!(processes_with(&marker), Vec::<u32>::new());
+    let Some((pid, ns)) = init else {
+        return;
+    };
     // Only Kiln's init may still be on its way out once the outcome is in.
     let left: Vec<u32> = processes_in_pidns(&ns)
         .into_iter()
         .filter(|p| *p != pid)
         .collect();
     assert_eq!(left, Vec::<u32>::new());
-    assert_eq!(processes_with(&marker), Vec::<u32>::new());
     for _ in 0..200 {
         if processes_in_pidns(&ns).is_empty() {
             return;
