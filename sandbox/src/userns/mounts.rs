@@ -604,6 +604,28 @@ impl Live {
         )))
     }
 
+    /// Mounts `src`, a path outside the root (Kiln's own), on the directory
+    /// `target` of the root.
+    fn mount_from_outside(
+        &self,
+        src: &CStr,
+        target: &str,
+        flags: libc::c_ulong,
+        what: &str,
+    ) -> Result<(), SetupError> {
+        let fd = self
+            .resolve(Path::new(target), libc::O_DIRECTORY)
+            .map_err(err(format!("open /{target}")))?;
+        sys::mount(
+            Some(src),
+            &sys::fd_path(fd.as_fd(), None),
+            None,
+            flags,
+            None,
+        )
+        .map_err(err(format!("{what} ({})", src.to_string_lossy())))
+    }
+
     fn proc_path(&self, rel: &str) -> CString {
         sys::fd_path(self.proc_fd().as_fd(), Some(rel))
     }
@@ -624,50 +646,22 @@ impl MountSys for Live {
                 data,
             } => self.tmpfs(target, *flags, data),
             Op::Proc(p) => self.proc(p),
-            Op::MoveProc => {
-                let fd = self
-                    .resolve(Path::new("proc"), libc::O_DIRECTORY)
-                    .map_err(err("open /proc".into()))?;
-                sys::mount(
-                    Some(c"/proc"),
-                    &sys::fd_path(fd.as_fd(), None),
-                    None,
-                    libc::MS_MOVE,
-                    None,
-                )
-                .map_err(err("move the prepared /proc into the root".into()))
-            }
+            Op::MoveProc => self.mount_from_outside(
+                c"/proc",
+                "proc",
+                libc::MS_MOVE,
+                "move the prepared /proc into the root",
+            ),
             Op::DevPopulate => {
                 populate_dev(self.dev().as_fd(), DevNodes::Bind)?;
-                sys::mount(
-                    None,
-                    &sys::fd_path(self.dev().as_fd(), None),
-                    None,
-                    libc::MS_REMOUNT
-                        | libc::MS_BIND
-                        | libc::MS_RDONLY
-                        | NOSUID_NODEV
-                        | libc::MS_NOEXEC,
-                    None,
-                )
-                .map_err(err("remount /dev read-only".into()))
+                remount_read_only(&sys::fd_path(self.dev().as_fd(), None), "/dev")
             }
-            Op::DevFromTemplate(template) => {
-                let fd = self
-                    .resolve(Path::new("dev"), libc::O_DIRECTORY)
-                    .map_err(err("open /dev".into()))?;
-                sys::mount(
-                    Some(template),
-                    &sys::fd_path(fd.as_fd(), None),
-                    None,
-                    libc::MS_BIND | libc::MS_REC,
-                    None,
-                )
-                .map_err(err(format!(
-                    "bind the /dev template ({}) on /dev",
-                    template.to_string_lossy()
-                )))
-            }
+            Op::DevFromTemplate(template) => self.mount_from_outside(
+                template,
+                "dev",
+                libc::MS_BIND | libc::MS_REC,
+                "bind the /dev template on /dev",
+            ),
             Op::BindSelf { path, read_only } => self.bind_self(path, *read_only),
             Op::WriteProc(rel, contents) => {
                 match sys::write_file(&self.proc_path(rel), contents.as_bytes()) {
@@ -709,21 +703,23 @@ impl MountSys for Live {
                         return Err(SetupError::new(format!("bind /proc/{rel} on itself"), e));
                     }
                 }
-                sys::mount(
-                    None,
-                    &p,
-                    None,
-                    libc::MS_REMOUNT
-                        | libc::MS_BIND
-                        | libc::MS_RDONLY
-                        | NOSUID_NODEV
-                        | libc::MS_NOEXEC,
-                    None,
-                )
-                .map_err(err(format!("remount /proc/{rel} read-only")))
+                remount_read_only(&p, &format!("/proc/{rel}"))
             }
         }
     }
+}
+
+/// Makes the mount at `path` (shown as `shown`) read-only, `nosuid`,
+/// `nodev` and `noexec`.
+fn remount_read_only(path: &CStr, shown: &str) -> Result<(), SetupError> {
+    sys::mount(
+        None,
+        path,
+        None,
+        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | NOSUID_NODEV | libc::MS_NOEXEC,
+        None,
+    )
+    .map_err(err(format!("remount {shown} read-only")))
 }
 
 /// Makes the new root `/` and lets go of the host's tree.
