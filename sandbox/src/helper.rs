@@ -24,7 +24,7 @@ use crate::userns::{self, idmap::IdMap, nspool::NsPool};
 
 pub(crate) const CTL_FD_ENV: &str = "KILN_SANDBOX_HELPER_FD";
 /// How long the helper waits without a request before refilling its pools.
-const REFILL_AFTER_IDLE_MS: i32 = 1;
+const REFILL_AFTER_IDLE: Duration = Duration::from_millis(1);
 /// How long after starting a sandbox the helper makes the next spare init:
 /// past the set-up of the one just started (which the spare's `clone3` would
 /// otherwise slow down when both land on one CPU), and in time for a worker
@@ -250,26 +250,26 @@ impl Helper {
 
     fn run(mut self) -> Result<(), String> {
         loop {
+            let now = Instant::now();
             let next_deadline = self.actions.iter().filter_map(|a| a.deadline).min();
-            let mut timeout_ms: i32 = match next_deadline {
-                Some(d) => (d.saturating_duration_since(Instant::now()).as_millis() + 1)
-                    .min(i32::MAX as u128) as i32,
-                None => -1,
-            };
+            // The earliest of what may wake us without a request (`None`: nothing).
+            let mut timeout: Option<Duration> = None;
+            let mut wake_within = |d: Duration| timeout = Some(timeout.map_or(d, |t| t.min(d)));
+            if let Some(d) = next_deadline {
+                wake_within(d.saturating_duration_since(now) + Duration::from_millis(1));
+            }
             // Refill the namespace pools only once nothing has happened for
             // a moment: a sandbox just started is still setting up, often on
             // this very CPU, and must not wait for spare namespaces.
             let refill = self.pools().any(|p| p.below_target());
-            if refill && !(0..REFILL_AFTER_IDLE_MS).contains(&timeout_ms) {
-                timeout_ms = REFILL_AFTER_IDLE_MS;
+            if refill {
+                wake_within(REFILL_AFTER_IDLE);
             }
-            let mut timeout = (timeout_ms >= 0).then(|| Duration::from_millis(timeout_ms as u64));
             let spare_due = self
                 .spare_at
                 .filter(|_| self.spares && self.spare.is_none());
             if let Some(at) = spare_due {
-                let left = at.saturating_duration_since(Instant::now());
-                timeout = Some(timeout.map_or(left, |t| t.min(left)));
+                wake_within(at.saturating_duration_since(now));
             }
             let n_actions = self.actions.len();
             let mut pfds: Vec<libc::pollfd> = std::iter::once(self.ctl.as_raw_fd())
@@ -524,10 +524,9 @@ impl Helper {
         let ids = self.ids(req.uid, req.gid);
         let base = self.base.clone();
         let (dev_template, last_cap) = (self.dev_template, self.last_cap);
-        let action = sock.try_clone();
         let timeout = req.timeout;
         let (pid, pidfd, netns) = self.clone_init(req.network, move |fresh_netns| {
-            let action = action.unwrap_or_else(|_| sys::exit_now(3));
+            let action = sock.try_clone().unwrap_or_else(|_| sys::exit_now(3));
             userns::init_main(userns::InitArgs {
                 req,
                 action,
