@@ -265,6 +265,9 @@ backend = "userns"
 # oci_runtime = "/usr/bin/crun"
 # Empty network namespaces, and as many fresh IPC namespaces, kept ready.
 netns_pool = 8
+# Most new data one action may leave (outputs, stdout and stderr together);
+# beyond it the action ends RESOURCE_EXHAUSTED. 4294967296 = 4 GiB.
+output_limit_bytes = 4294967296
 
 # Base root filesystems offered as the container-image property:
 # NAME = "PATH" (a root filesystem directory, an OCI image layout or an

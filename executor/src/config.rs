@@ -51,6 +51,11 @@ pub struct WorkerConfig {
     /// Empty network namespaces, and as many fresh IPC namespaces, kept
     /// ready (a privileged worker's fast path; 0: none). Default: 8.
     pub netns_pool: usize,
+    /// Bytes of new data one action may leave: its outputs (files still
+    /// the inputs they were do not count), stdout and stderr together.
+    /// Beyond it the action ends RESOURCE_EXHAUSTED, naming the path.
+    /// Default: 4 GiB.
+    pub output_limit_bytes: u64,
 }
 
 impl Default for WorkerConfig {
@@ -67,6 +72,7 @@ impl Default for WorkerConfig {
             backend: SandboxBackend::Userns,
             oci_runtime: None,
             netns_pool: 8,
+            output_limit_bytes: 4 << 30,
         }
     }
 }

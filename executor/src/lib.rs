@@ -101,6 +101,7 @@ pub fn start(
         bases,
         scratch: data.join("scratch"),
         network_allowed: config.network,
+        output_limit: config.output_limit_bytes,
     })?);
     Ok(tokio::spawn(worker::run(exec, identity, channel, shutdown)))
 }

@@ -51,6 +51,10 @@ pub struct WorkerFlags {
     /// OCI runtime binary for the oci backend (crun, runc) [default: built-in].
     #[arg(long)]
     pub oci_runtime: Option<PathBuf>,
+    /// Most new data one action may leave: outputs, stdout and stderr
+    /// together, e.g. 4G [default: 4G].
+    #[arg(long, value_name = "SIZE", value_parser = super::parse_size)]
+    pub output_limit: Option<u64>,
 }
 
 fn parse_backend(s: &str) -> Result<SandboxBackend, String> {
@@ -96,6 +100,9 @@ impl WorkerFlags {
         }
         if let Some(r) = &self.oci_runtime {
             config.oci_runtime = Some(r.clone());
+        }
+        if let Some(n) = self.output_limit {
+            config.output_limit_bytes = n;
         }
         Ok(())
     }
