@@ -265,6 +265,11 @@ backend = "userns"
 # oci_runtime = "/usr/bin/crun"
 # Empty network namespaces, and as many fresh IPC namespaces, kept ready.
 netns_pool = 8
+# Run every action under Kiln's seccomp filter (docs/security.md).
+seccomp = true
+# System-call groups the filter allows back: keyring, bpf, perf,
+# userfaultfd, kernel, ptrace, namespaces, mount, io_uring, setid.
+seccomp_allow = []
 
 # Base root filesystems offered as the container-image property:
 # NAME = "PATH" (a root filesystem directory, an OCI image layout or an

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use kiln_sandbox::{SeccompPolicy, SyscallGroup};
 use serde::Deserialize;
 
 /// Which sandbox backend runs actions.
@@ -51,6 +52,12 @@ pub struct WorkerConfig {
     /// Empty network namespaces, and as many fresh IPC namespaces, kept
     /// ready (a privileged worker's fast path; 0: none). Default: 8.
     pub netns_pool: usize,
+    /// Run every action under Kiln's seccomp filter (docs/security.md).
+    /// Default: true.
+    pub seccomp: bool,
+    /// Groups of system calls the filter allows back, e.g. `["ptrace"]`
+    /// for builds that run debuggers or LeakSanitizer. Default: none.
+    pub seccomp_allow: Vec<SyscallGroup>,
 }
 
 impl Default for WorkerConfig {
@@ -67,11 +74,21 @@ impl Default for WorkerConfig {
             backend: SandboxBackend::Userns,
             oci_runtime: None,
             netns_pool: 8,
+            seccomp: true,
+            seccomp_allow: Vec::new(),
         }
     }
 }
 
 impl WorkerConfig {
+    /// The seccomp policy of `seccomp` and `seccomp_allow`.
+    pub fn seccomp_policy(&self) -> SeccompPolicy {
+        SeccompPolicy {
+            enabled: self.seccomp,
+            allow: self.seccomp_allow.clone(),
+        }
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir
             .clone()

@@ -63,6 +63,7 @@ pub fn start(
     };
     launcher.oci_runtime = config.oci_runtime.clone();
     launcher.netns_pool = config.netns_pool;
+    launcher.seccomp = config.seccomp_policy();
     let launcher = Arc::new(Launcher::new(launcher)?);
     let (channel, cas) = worker::cas_client(&config.server)?;
     let hostname = nix::unistd::gethostname()

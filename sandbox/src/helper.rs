@@ -19,6 +19,7 @@ use crate::error::SetupError;
 use crate::outcome::{ExitStatus, Outcome};
 use crate::protocol::{self, KilledBy, Received, Reply, WireRequest};
 use crate::request::BackendKind;
+use crate::seccomp::{self, SeccompPolicy};
 use crate::sys::{self, Forked, Reaped};
 use crate::userns::{self, idmap::IdMap, nspool::NsPool};
 
@@ -33,6 +34,8 @@ const SPARE_AFTER: Duration = Duration::from_micros(600);
 pub(crate) const POOL_ENV: &str = "KILN_SANDBOX_NETNS_POOL";
 /// `userns` or `oci`: the backend this helper serves.
 pub(crate) const BACKEND_ENV: &str = "KILN_SANDBOX_BACKEND";
+/// The seccomp policy ([`SeccompPolicy::to_env`]).
+pub(crate) const SECCOMP_ENV: &str = "KILN_SANDBOX_SECCOMP";
 
 /// Runs the helper; never returns. Call it first thing in `main` when the
 /// process was started with the hidden argument the [`LauncherConfig`]
@@ -177,6 +180,10 @@ impl Helper {
             .unwrap_or(4);
         // SAFETY: the launcher passed this fd to us and nobody else owns it.
         let ctl = unsafe { OwnedFd::from_raw_fd(fd) };
+        let policy = SeccompPolicy::from_env(&std::env::var(SECCOMP_ENV).unwrap_or_default())?;
+        // Compiled once: every init forked from here inherits the programs.
+        seccomp::set_programs(seccomp::compile(&policy)?);
+        seccomp::set_policy(policy);
         // SAFETY: plain fcntl; the fd must not leak into sandboxes.
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
 

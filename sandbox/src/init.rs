@@ -239,6 +239,11 @@ fn command_child(
             ),
         );
     }
+    // Last: from here on the command's own rules apply (the stamp and
+    // execve below are allowed).
+    if let Err(e) = crate::seccomp::install(crate::seccomp::programs()) {
+        report_error(w, &SetupError::new("install the seccomp filter", e));
+    }
     let mut stamp = [0u8; 9];
     stamp[0] = TAG_EXEC;
     stamp[1..].copy_from_slice(&sys::monotonic_ns().to_le_bytes());

@@ -13,11 +13,12 @@ use std::time::Duration;
 use nix::errno::Errno;
 
 use crate::error::{Result, SandboxError};
-use crate::helper::{BACKEND_ENV, CTL_FD_ENV, POOL_ENV};
+use crate::helper::{BACKEND_ENV, CTL_FD_ENV, POOL_ENV, SECCOMP_ENV};
 use crate::outcome::Outcome;
 use crate::protocol::{self, KilledBy, Received, Reply, WireRequest};
 use crate::request::{BackendKind, SandboxRequest, Stdio};
 use crate::root::RootDir;
+use crate::seccomp::SeccompPolicy;
 use crate::sys;
 
 /// The hidden argument the `kiln` binary answers by calling [`helper_main`](crate::helper_main).
@@ -40,6 +41,9 @@ pub struct LauncherConfig {
     /// For [`BackendKind::Oci`]: run this OCI runtime binary (`crun`, `runc`).
     /// `None`: Kiln's built-in OCI runtime, in the helper.
     pub oci_runtime: Option<PathBuf>,
+    /// The system-call filter every sandbox runs under (default: Kiln's
+    /// whole filter).
+    pub seccomp: SeccompPolicy,
 }
 
 impl LauncherConfig {
@@ -59,6 +63,7 @@ impl LauncherConfig {
             netns_pool: 4,
             backend: BackendKind::Userns,
             oci_runtime: None,
+            seccomp: SeccompPolicy::default(),
         }
     }
 }
@@ -87,6 +92,7 @@ fn start_helper(cfg: &LauncherConfig) -> Result<HelperProc> {
     cmd.args(&cfg.args)
         .env(CTL_FD_ENV, fd.to_string())
         .env(POOL_ENV, cfg.netns_pool.to_string())
+        .env(SECCOMP_ENV, cfg.seccomp.to_env())
         .env(
             BACKEND_ENV,
             match cfg.backend {

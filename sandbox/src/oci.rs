@@ -188,7 +188,17 @@ pub(crate) fn spec_for(req: &WireRequest, ctx: &SpecContext) -> Result<Spec, Str
             req.uid, req.gid
         ));
     }
-    let linux = LinuxBuilder::default()
+    // Kiln's init installs the filter itself; an external runtime gets it
+    // in the spec.
+    let seccomp = if ctx.kiln_init {
+        None
+    } else {
+        crate::seccomp::oci_spec(&crate::seccomp::policy())
+            .map(serde_json::from_value::<oci_spec::runtime::LinuxSeccomp>)
+            .transpose()
+            .map_err(e)?
+    };
+    let mut linux = LinuxBuilder::default()
         .namespaces(
             ns.into_iter()
                 .map(|t| LinuxNamespaceBuilder::default().typ(t).build().map_err(e))
@@ -218,6 +228,7 @@ pub(crate) fn spec_for(req: &WireRequest, ctx: &SpecContext) -> Result<Spec, Str
         })
         .build()
         .map_err(e)?;
+    linux.set_seccomp(seccomp);
     let mut annotations = HashMap::new();
     if !ctx.warnings.is_empty() {
         annotations.insert(WARNINGS_ANNOTATION.to_string(), ctx.warnings.join("\n"));
@@ -338,8 +349,7 @@ fn host_warnings(privileged: bool, external: bool) -> Vec<String> {
                 .to_string(),
         ];
     }
-    let mut w =
-        vec!["no seccomp filter: Kiln's OCI backend is built without libseccomp".to_string()];
+    let mut w = Vec::new();
     let v1 =
         Path::new("/sys/fs/cgroup/memory").is_dir() || Path::new("/sys/fs/cgroup/pids").is_dir();
     if v1 && !privileged {

@@ -83,6 +83,27 @@ fn suite(rt: &str) {
     assert!(r.stdout.contains("NoNewPrivs:\t1"), "{}", r.stdout);
     assert_eq!(srv.count(), 0);
 
+    // Kiln's seccomp filter, through the spec: keyring, perf, set-id bits.
+    let r = run_sh(
+        &l,
+        &s,
+        "/probe keyctl; /probe perf; /probe setid /made; touch /f; chmod 4755 /f",
+    );
+    for want in [
+        "keyctl: EPERM",
+        "perf: EPERM",
+        "setid-chmod: EPERM",
+        "setid-open: EPERM",
+    ] {
+        assert!(r.stdout.contains(want), "{want}: {r:?}");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(s.root().join("f"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o6000, 0, "{mode:o}");
+
     // The timeout kills everything, partial output stays readable.
     let marker = format!("kiln-{rt}-daemon-{}", std::process::id());
     let mut q = sh_request(

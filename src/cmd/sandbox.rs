@@ -62,6 +62,14 @@ pub struct RunArgs {
     /// OCI backend: run this runtime binary (crun, runc) instead of Kiln's own.
     #[arg(long, value_name = "PATH")]
     oci_runtime: Option<PathBuf>,
+    /// Allow a group of system calls back despite the seccomp filter
+    /// (repeatable): keyring, bpf, perf, userfaultfd, kernel, ptrace,
+    /// namespaces, mount, io_uring, setid.
+    #[arg(long = "seccomp-allow", value_name = "GROUP")]
+    seccomp_allow: Vec<kiln_sandbox::SyscallGroup>,
+    /// Run the command without any seccomp filter.
+    #[arg(long)]
+    no_seccomp: bool,
     /// Print the outcome (status, times, peak memory) to stderr.
     #[arg(long, short)]
     verbose: bool,
@@ -126,6 +134,10 @@ pub fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
         BackendArg::Oci => BackendKind::Oci,
     };
     cfg.oci_runtime = a.oci_runtime.clone();
+    cfg.seccomp = kiln_sandbox::SeccompPolicy {
+        enabled: !a.no_seccomp,
+        allow: a.seccomp_allow.clone(),
+    };
     // One sandbox: a pool of ready network namespaces would only cost time.
     cfg.netns_pool = 0;
     let launcher = Launcher::new(cfg)?;

@@ -51,6 +51,14 @@ pub struct WorkerFlags {
     /// OCI runtime binary for the oci backend (crun, runc) [default: built-in].
     #[arg(long)]
     pub oci_runtime: Option<PathBuf>,
+    /// Allow a group of system calls back despite the seccomp filter
+    /// (repeatable): keyring, bpf, perf, userfaultfd, kernel, ptrace,
+    /// namespaces, mount, io_uring, setid.
+    #[arg(long = "seccomp-allow", value_name = "GROUP")]
+    pub seccomp_allow: Vec<kiln_sandbox::SyscallGroup>,
+    /// Run actions without any seccomp filter.
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 fn parse_backend(s: &str) -> Result<SandboxBackend, String> {
@@ -96,6 +104,12 @@ impl WorkerFlags {
         }
         if let Some(r) = &self.oci_runtime {
             config.oci_runtime = Some(r.clone());
+        }
+        config
+            .seccomp_allow
+            .extend(self.seccomp_allow.iter().copied());
+        if self.no_seccomp {
+            config.seccomp = false;
         }
         Ok(())
     }

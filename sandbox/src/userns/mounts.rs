@@ -39,9 +39,10 @@ pub(crate) const DEV_LINKS: [(&str, &str); 4] = [
 /// privileged helper the sandbox's uid *is* the host's uid 0 (without
 /// capabilities), and DAC alone would let it write `/proc/sysrq-trigger` or
 /// host sysctls; this closes that.
-pub(crate) const PROC_MASKED_FILES: [&str; 5] = [
+pub(crate) const PROC_MASKED_FILES: [&str; 6] = [
     "kcore",
     "keys",
+    "key-users",
     "timer_list",
     "sched_debug",
     "latency_stats",
