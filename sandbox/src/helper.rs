@@ -44,7 +44,12 @@ pub(crate) const SECCOMP_ENV: &str = "KILN_SANDBOX_SECCOMP";
 ///
 /// [`LauncherConfig`]: crate::LauncherConfig
 pub fn helper_main() -> ! {
-    let code = match Helper::from_env().and_then(|h| h.run()) {
+    let code = match Helper::from_env().and_then(|h| {
+        let privileged = h.privileged;
+        let r = h.run();
+        crate::oci::remove_state_root(privileged);
+        r
+    }) {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!("sandbox helper: {e}");
@@ -218,6 +223,10 @@ impl Helper {
                     tracing::warn!("sandbox helper: could not trim its mount namespace: {e}")
                 }
             }
+        }
+        if std::env::var(BACKEND_ENV).as_deref() == Ok("oci") {
+            crate::oci::make_state_root(privileged)
+                .map_err(|e| format!("OCI state directory: {e}"))?;
         }
         // Looked up once here; every sandbox forked from us inherits it.
         let _ = userns::mounts::proc_entry_exists("sys");

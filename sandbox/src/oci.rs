@@ -362,15 +362,105 @@ fn host_warnings(privileged: bool, external: bool) -> Vec<String> {
     w
 }
 
-fn state_root(privileged: bool) -> PathBuf {
-    if privileged {
-        return PathBuf::from("/run/kiln-oci");
-    }
+/// The helper's OCI state directory (bundles, libcontainer's and the
+/// external runtimes' state), made once by [`make_state_root`].
+static STATE_ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+fn state_root() -> Result<&'static Path, SetupError> {
+    STATE_ROOT
+        .get()
+        .map(PathBuf::as_path)
+        .ok_or_else(|| SetupError {
+            step: "the helper has no OCI state directory".into(),
+            errno: Errno::ENOENT as i32,
+        })
+}
+
+/// Makes the OCI backend's state directory, private to this helper's user:
+/// `/run/kiln-oci` as root, else a fresh `kiln-oci-<uid>-<random>` under
+/// `$XDG_RUNTIME_DIR` (when it is ours and private) or the temporary
+/// directory. A directory someone else made first (a predictable name in
+/// `/tmp`) would let them swap a bundle's spec: every directory is created
+/// with `mkdir` (which fails if the name exists) or checked on an open
+/// handle to be ours, mode 0700, not a symlink.
+pub(crate) fn make_state_root(privileged: bool) -> Result<(), String> {
     // SAFETY: plain getter.
     let uid = unsafe { libc::geteuid() };
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) => PathBuf::from(d).join("kiln-oci"),
-        None => std::env::temp_dir().join(format!("kiln-oci-{uid}")),
+    let dir = if privileged {
+        let d = PathBuf::from("/run/kiln-oci");
+        match std::fs::create_dir(&d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("create {}: {e}", d.display())),
+        }
+        d
+    } else {
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|d| check_private(d, uid).is_ok())
+            .unwrap_or_else(std::env::temp_dir);
+        let mut made = None;
+        for _ in 0..16 {
+            let d = base.join(format!("kiln-oci-{uid}-{:08x}", random_u32()));
+            match std::fs::create_dir(&d) {
+                Ok(()) => {
+                    made = Some(d);
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(format!("create {}: {e}", d.display())),
+            }
+        }
+        made.ok_or_else(|| format!("no fresh OCI state directory in {}", base.display()))?
+    };
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("chmod 0700 {}: {e}", dir.display()))?;
+    check_private(&dir, uid)?;
+    let _ = STATE_ROOT.set(dir);
+    Ok(())
+}
+
+/// Removes an unprivileged helper's own state directory when it exits.
+pub(crate) fn remove_state_root(privileged: bool) {
+    if let (false, Some(d)) = (privileged, STATE_ROOT.get()) {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// `dir` is a real directory (not a symlink), owned by `uid`, closed to
+/// group and others: checked on an open handle, not by path.
+fn check_private(dir: &Path, uid: u32) -> Result<(), String> {
+    let fd = sys::open(
+        &sys::cpath(dir),
+        libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        0,
+    )
+    .map_err(|e| format!("open {}: {e}", dir.display()))?;
+    let m = std::fs::File::from(fd)
+        .metadata()
+        .map_err(|e| format!("stat {}: {e}", dir.display()))?;
+    use std::os::unix::fs::MetadataExt;
+    if m.uid() != uid || m.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{} is owned by uid {} with mode {:o}: not private to uid {uid}",
+            dir.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: valid buffer.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n == 4 {
+        u32::from_ne_bytes(b)
+    } else {
+        // SAFETY: plain getter.
+        (sys::monotonic_ns() as u32) ^ unsafe { libc::getpid() } as u32
     }
 }
 
@@ -494,7 +584,7 @@ fn monitor(
         fail(e);
     }
     let subtree_sources = resolve_subtrees(root, &req).unwrap_or_else(|e| fail(e));
-    let states = state_root(ctx.privileged);
+    let states = state_root().unwrap_or_else(|e| fail(e)).to_path_buf();
     // SAFETY: plain getters.
     let id = format!("kiln-{}-{}", unsafe { libc::getppid() }, unsafe {
         libc::getpid()

@@ -598,3 +598,63 @@ matrix!(
     staged_symlinks_cannot_redirect_mounts,
     devices_are_minimal,
 );
+
+/// Finding 6: the unprivileged OCI backend kept its bundles in
+/// `/tmp/kiln-oci-<uid>` without checking who made it. Another local user
+/// who creates it first must get nothing of the helper's: its state lives
+/// in a fresh directory only the helper's user can enter.
+#[test]
+fn oci_state_directory_cannot_be_planted() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let fx = need_fixture!();
+    let planted = std::path::PathBuf::from(format!("/tmp/kiln-oci-{NOBODY}"));
+    let _ = std::fs::remove_dir_all(&planted);
+    std::fs::create_dir(&planted).unwrap();
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut cfg = LauncherConfig::new(
+        "env",
+        [
+            "-u",
+            "XDG_RUNTIME_DIR",
+            "TMPDIR=/tmp",
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            HELPER,
+            HELPER_ARG,
+        ],
+    );
+    cfg.backend = BackendKind::Oci;
+    let l = Launcher::new(cfg).unwrap();
+    let s = Scratch::new(&fx, Mode::Unprivileged);
+    let (out, err) = (s.path("out"), s.path("err"));
+    let running = l
+        .spawn(sh_request(Root::Dir(s.root()), "sleep 0.5", &out, &err))
+        .unwrap();
+    let ours: Vec<_> = std::fs::read_dir("/tmp")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("kiln-oci-{NOBODY}-"))
+        })
+        .map(|e| e.path())
+        .collect();
+    let f = running.wait().unwrap();
+    assert!(f.outcome.status.success(), "{:?}", f.outcome);
+    let in_planted: Vec<_> = std::fs::read_dir(&planted).unwrap().flatten().collect();
+    std::fs::remove_dir_all(&planted).unwrap();
+    assert!(
+        in_planted.is_empty(),
+        "the helper used a directory someone else made: {in_planted:?}"
+    );
+    assert!(!ours.is_empty(), "no private state directory in /tmp");
+    let private = ours.iter().any(|d| {
+        std::fs::symlink_metadata(d)
+            .is_ok_and(|m| m.is_dir() && m.uid() == NOBODY && m.mode() & 0o077 == 0)
+    });
+    assert!(private, "{ours:?}");
+}
