@@ -64,7 +64,6 @@ pub(crate) struct Action {
     pid: libc::pid_t,
     sock: OwnedFd,
     deadline: Option<Instant>,
-    netns: Option<OwnedFd>,
     timed_out: bool,
     /// An OCI monitor rather than a sandbox's init.
     monitor: bool,
@@ -77,7 +76,6 @@ struct Spare {
     pid: libc::pid_t,
     pidfd: OwnedFd,
     chan: OwnedFd,
-    netns: Option<OwnedFd>,
     /// It said it is prepared.
     ready: bool,
 }
@@ -418,12 +416,6 @@ impl Helper {
         self.netns_pool.iter().chain(self.ipc_pool.iter())
     }
 
-    fn give_back_netns(&mut self, ns: Option<OwnedFd>) {
-        if let (Some(ns), Some(pool)) = (ns, self.netns_pool.as_mut()) {
-            pool.give_back(ns);
-        }
-    }
-
     /// Moves the helper into the pooled namespaces the next sandbox joins.
     fn enter_pooled(
         &self,
@@ -468,9 +460,6 @@ impl Helper {
                 Reaped::Signaled(libc::SIGKILL)
             }
         };
-        // Every process of the sandbox is gone with its init (the kernel
-        // kills and waits for the PID namespace before the init is reaped).
-        self.give_back_netns(a.netns);
         let (status, killed) = match reaped {
             Reaped::Exited(0) if !a.timed_out => return,
             _ if a.timed_out => (ExitStatus::Signaled(libc::SIGKILL), KilledBy::Timeout),
@@ -541,7 +530,7 @@ impl Helper {
         let base = self.base.clone();
         let (dev_template, last_cap) = (self.dev_template, self.last_cap);
         let timeout = req.timeout;
-        let (pid, pidfd, netns) = self.clone_init(req.network, move |fresh_netns| {
+        let (pid, pidfd) = self.clone_init(req.network, move |fresh_netns| {
             let action = sock.try_clone().unwrap_or_else(|_| sys::exit_now(3));
             userns::init_main(userns::InitArgs {
                 req,
@@ -562,7 +551,6 @@ impl Helper {
                 .try_clone()
                 .map_err(|_| SetupError::new("dup action socket", Errno::EMFILE))?,
             deadline: timeout.map(|t| Instant::now() + t),
-            netns,
             timed_out: false,
             monitor: false,
             dropped: false,
@@ -580,49 +568,38 @@ impl Helper {
 
     /// `clone3`s an init into fresh namespaces (pooled network and IPC ones
     /// joined) to run `child` (which never returns), told whether its
-    /// network namespace is brand-new. Returns its pid, pidfd and the pooled network namespace
-    /// it holds.
+    /// network namespace is brand-new. Returns its pid and pidfd.
     fn clone_init(
         &mut self,
         network: bool,
         child: impl FnOnce(bool),
-    ) -> Result<(libc::pid_t, OwnedFd, Option<OwnedFd>), SetupError> {
+    ) -> Result<(libc::pid_t, OwnedFd), SetupError> {
         let mut flags = userns::NS_FLAGS;
         let netns = if network {
             None
         } else {
             take_pooled(&mut self.netns_pool, libc::CLONE_NEWNET, &mut flags)?
         };
-        let ipcns = match take_pooled(&mut self.ipc_pool, libc::CLONE_NEWIPC, &mut flags) {
-            Ok(ns) => ns,
-            Err(e) => {
-                self.give_back_netns(netns);
-                return Err(e);
-            }
-        };
+        let ipcns = take_pooled(&mut self.ipc_pool, libc::CLONE_NEWIPC, &mut flags)?;
         let fresh_netns = flags & libc::CLONE_NEWNET as u64 != 0;
-        if let Err(e) = self.enter_pooled(netns.as_ref(), ipcns.as_ref()) {
-            self.give_back_netns(netns);
-            return Err(e);
-        }
+        self.enter_pooled(netns.as_ref(), ipcns.as_ref())?;
         // SAFETY: the helper is single-threaded.
         let forked = unsafe { sys::clone3_fork(flags) };
-        // The child stays in the pooled namespaces; we go back. The IPC
-        // namespace is the sandbox's alone from here (`ipcns` is dropped).
+        // The child stays in the pooled namespaces; we go back. They are
+        // the sandbox's alone from here (`netns` and `ipcns` are dropped):
+        // never handed to another sandbox, which could otherwise find what
+        // this one left (a TIME_WAIT socket, loopback counters, SysV IPC).
         if matches!(forked, Ok(Forked::Parent { .. }) | Err(_)) {
             self.leave_pooled(netns.is_some(), ipcns.is_some());
         }
         match forked {
-            Err(e) => {
-                self.give_back_netns(netns);
-                Err(SetupError::new("clone3 into new namespaces", e))
-            }
+            Err(e) => Err(SetupError::new("clone3 into new namespaces", e)),
             Ok(Forked::Child) => {
                 child(fresh_netns);
                 // The inits never return.
                 sys::exit_now(3)
             }
-            Ok(Forked::Parent { pid, pidfd }) => Ok((pid, pidfd, netns)),
+            Ok(Forked::Parent { pid, pidfd }) => Ok((pid, pidfd)),
         }
     }
 
@@ -646,12 +623,11 @@ impl Helper {
                 last_cap,
             })
         }) {
-            Ok((pid, pidfd, netns)) => {
+            Ok((pid, pidfd)) => {
                 self.spare = Some(Spare {
                     pid,
                     pidfd,
                     chan: mine,
-                    netns,
                     ready: false,
                 })
             }
@@ -691,7 +667,6 @@ impl Helper {
         if let Some(s) = self.spare.take() {
             let _ = sys::pidfd_send_signal(s.pidfd.as_fd(), libc::SIGKILL);
             let _ = sys::waitid_pidfd(s.pidfd.as_fd());
-            self.give_back_netns(s.netns);
         }
     }
 
@@ -719,7 +694,6 @@ impl Helper {
                     pid: s.pid,
                     sock,
                     deadline: req.timeout.map(|t| Instant::now() + t),
-                    netns: s.netns,
                     timed_out: false,
                     monitor: false,
                     dropped: false,
@@ -784,7 +758,6 @@ pub(crate) fn oci_action(
             .try_clone()
             .map_err(|_| SetupError::new("dup action socket", Errno::EMFILE))?,
         deadline: timeout.map(|t| Instant::now() + t),
-        netns: None,
         timed_out: false,
         monitor: true,
         dropped: false,

@@ -580,7 +580,49 @@ fn setid_bits_never_land_on_the_host(mode: Mode, backend: BackendKind) {
     }
 }
 
+/// Finding 7: network namespaces a privileged helper keeps ready must not
+/// carry one action's state to the next: a TIME_WAIT socket in
+/// `/proc/net/tcp`, loopback counters in `/proc/net/dev`.
+fn network_state_does_not_carry_over(mode: Mode, backend: BackendKind) {
+    let fx = need_fixture!();
+    let l = launcher(mode, backend);
+    let s = Scratch::new(&fx, mode);
+    // The server side closes first, so its socket stays in TIME_WAIT.
+    let first = run_sh(
+        &l,
+        &s,
+        "nc -l -p 7777 -e echo hi & sleep 0.2; nc 127.0.0.1 7777 </dev/null; sleep 0.1; \
+         grep -c ':1E61' /proc/net/tcp",
+    );
+    assert!(first.stdout.starts_with("hi\n"), "{first:?}");
+    // The helper's next spare was made before the first one's namespace
+    // came back: look a few sandboxes on.
+    for i in 0..5 {
+        let_the_spare_get_ready();
+        let r = run_sh(
+            &l,
+            &s,
+            "echo tcp $(($(wc -l < /proc/net/tcp) - 1)); grep ' lo:' /proc/net/dev",
+        );
+        assert!(r.stdout.starts_with("tcp 0\n"), "run {i}: {r:?}");
+        let lo: Vec<&str> = r
+            .stdout
+            .lines()
+            .nth(1)
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        // lo: rx_bytes rx_packets … tx_bytes tx_packets …
+        assert_eq!(
+            (lo.get(1), lo.get(2)),
+            (Some(&"0"), Some(&"0")),
+            "run {i}: {r:?}"
+        );
+    }
+}
+
 matrix!(
+    network_state_does_not_carry_over,
     keyring_of_the_kiln_user,
     kernel_attack_surface_is_filtered,
     setid_bits_never_land_on_the_host,
