@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 
 use crate::error::SetupError;
+use crate::limits::{Cgroups, Group, Limits, Probes};
 use crate::outcome::{ExitStatus, Outcome};
 use crate::protocol::{self, KilledBy, Received, Reply, WireRequest};
 use crate::request::BackendKind;
@@ -69,6 +70,9 @@ pub(crate) struct Action {
     monitor: bool,
     /// The launcher hung up: the sandbox was killed.
     dropped: bool,
+    /// Its cgroup, and the limits it was asked for.
+    group: Option<Group>,
+    limits: Limits,
 }
 
 /// A sandbox init made ahead of its request, waiting on `chan`.
@@ -78,6 +82,7 @@ struct Spare {
     chan: OwnedFd,
     /// It said it is prepared.
     ready: bool,
+    group: Option<Group>,
 }
 
 struct Helper {
@@ -98,6 +103,15 @@ struct Helper {
     spare_at: Option<Instant>,
     last_cap: libc::c_ulong,
     actions: Vec<Action>,
+    cgroups: Cgroups,
+    /// The limits of the last request: the guess for sandboxes made ahead.
+    last_limits: Limits,
+    /// A cgroup made ahead for the next sandbox that is not the spare's.
+    ready_group: Option<Group>,
+    /// The helper's own `RLIMIT_NPROC` (`ulimit -u` of whoever started
+    /// Kiln), which no sandbox's process limit may exceed: the kernel does
+    /// not apply it to processes of host uid 0.
+    nproc_cap: Option<u64>,
 }
 
 /// Every sandbox starts from a copy of the helper's mount table, and each
@@ -157,6 +171,17 @@ fn unmount_below_proc() {
     }
 }
 
+/// This process's `RLIMIT_NPROC`, if it is finite.
+fn nproc_cap() -> Option<u64> {
+    // SAFETY: zeroed rlimit is valid; plain getter.
+    let mut r: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NPROC, &mut r) } != 0 {
+        return None;
+    }
+    (r.rlim_cur != libc::RLIM_INFINITY && r.rlim_cur > 0).then_some(r.rlim_cur)
+}
+
 /// Whether this process holds CAP_SETUID and CAP_SETGID in its user namespace.
 fn has_setid_caps() -> bool {
     let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
@@ -208,8 +233,20 @@ impl Helper {
         sys::reset_signals();
         // SAFETY: ignoring a signal is always valid.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+        let userns_backend = std::env::var(BACKEND_ENV).as_deref() == Ok("userns");
+        // Before the mount namespace is trimmed: /sys goes.
+        let cgroups = if userns_backend {
+            Cgroups::detect(privileged)
+        } else {
+            Cgroups::for_oci(privileged)
+        };
+        let hello = protocol::Hello {
+            limitations: cgroups.limitations.clone(),
+            cgroups: cgroups.describe.clone(),
+        };
+        protocol::send(ctl.as_fd(), &hello, &[]).map_err(|e| format!("greet the launcher: {e}"))?;
         let mut dev_template = None;
-        if privileged && std::env::var(BACKEND_ENV).as_deref() == Ok("userns") {
+        if privileged && userns_backend {
             match trim_mount_namespace() {
                 Ok(()) => match userns::mounts::build_dev_template() {
                     Ok(()) => dev_template = Some(userns::mounts::DEV_TEMPLATE_AT),
@@ -259,7 +296,41 @@ impl Helper {
             spare_at: Some(Instant::now()),
             last_cap: sys::last_cap(),
             actions: Vec::new(),
+            cgroups,
+            last_limits: Limits::default(),
+            ready_group: None,
+            nproc_cap: nproc_cap(),
         })
+    }
+
+    /// A cgroup for the next sandbox (`None` without cgroups), with `limits`.
+    fn group_for(&mut self, limits: &Limits) -> Result<Option<Group>, SetupError> {
+        if !self.cgroups.available() {
+            return Ok(None);
+        }
+        let made = match self.ready_group.take() {
+            Some(mut g) => g.set(limits).map(|()| g),
+            None => self.cgroups.make(limits),
+        };
+        made.map(Some)
+            .map_err(|e| SetupError::new(format!("sandbox cgroup: {e}"), Errno::EIO))
+    }
+
+    /// What the helper does when nothing else is due: remove finished
+    /// sandboxes' cgroups, make the next one. Returns whether it did anything.
+    fn tidy_cgroups(&mut self) -> bool {
+        if self.cgroups.has_dead() {
+            self.cgroups.remove_dead();
+            return true;
+        }
+        if self.cgroups.available() && self.ready_group.is_none() {
+            match self.cgroups.make(&self.last_limits) {
+                Ok(g) => self.ready_group = Some(g),
+                Err(e) => tracing::warn!("sandbox helper: {e}"),
+            }
+            return true;
+        }
+        false
     }
 
     fn run(mut self) -> Result<(), String> {
@@ -275,7 +346,9 @@ impl Helper {
             // Refill the namespace pools only once nothing has happened for
             // a moment: a sandbox just started is still setting up, often on
             // this very CPU, and must not wait for spare namespaces.
-            let refill = self.pools().any(|p| p.below_target());
+            let refill = self.pools().any(|p| p.below_target())
+                || self.cgroups.has_dead()
+                || (self.cgroups.available() && self.ready_group.is_none());
             if refill {
                 wake_within(REFILL_AFTER_IDLE);
             }
@@ -322,6 +395,9 @@ impl Helper {
             }
             let deadline_due = next_deadline.is_some_and(|d| d <= Instant::now());
             if n == 0 && refill && !deadline_due {
+                if self.tidy_cgroups() {
+                    continue;
+                }
                 for p in [self.netns_pool.as_mut(), self.ipc_pool.as_mut()]
                     .into_iter()
                     .flatten()
@@ -452,7 +528,7 @@ impl Helper {
         else {
             return;
         };
-        let a = self.actions.swap_remove(i);
+        let mut a = self.actions.swap_remove(i);
         let reaped = match sys::waitid_pidfd(a.pidfd.as_fd()) {
             Ok(r) => r,
             Err(e) => {
@@ -460,6 +536,16 @@ impl Helper {
                 Reaped::Signaled(libc::SIGKILL)
             }
         };
+        // Every process of the sandbox is gone with its init (the kernel
+        // kills and waits for the PID namespace before the init is reaped).
+        let limits_hit = a
+            .group
+            .as_ref()
+            .map(|g| g.probes.hits(&a.limits))
+            .unwrap_or_default();
+        if let Some(g) = a.group.take() {
+            self.cgroups.retire(g);
+        }
         let (status, killed) = match reaped {
             Reaped::Exited(0) if !a.timed_out => return,
             _ if a.timed_out => (ExitStatus::Signaled(libc::SIGKILL), KilledBy::Timeout),
@@ -476,6 +562,7 @@ impl Helper {
             peak_rss_bytes: 0,
             setup: Duration::ZERO,
             warnings: Vec::new(),
+            limits_hit,
         };
         let _ = protocol::send(
             a.sock.as_fd(),
@@ -510,15 +597,19 @@ impl Helper {
 
     fn start(
         &mut self,
-        req: WireRequest,
+        mut req: WireRequest,
         sock: &OwnedFd,
         stdout: OwnedFd,
         stderr: OwnedFd,
     ) -> Result<Action, SetupError> {
+        if let Some(cap) = self.nproc_cap {
+            req.limits.pids = Some(req.limits.pids.map_or(cap, |p| p.min(cap)));
+        }
         if req.backend == BackendKind::Oci {
             return crate::oci::start_in_helper(self_ctx(self), req, sock, stdout, stderr);
         }
         self.spare_at = Some(Instant::now() + SPARE_AFTER);
+        self.last_limits = req.limits;
         if req.uid == 0
             && req.gid == 0
             && !req.network
@@ -529,8 +620,18 @@ impl Helper {
         let ids = self.ids(req.uid, req.gid);
         let base = self.base.clone();
         let (dev_template, last_cap) = (self.dev_template, self.last_cap);
-        let timeout = req.timeout;
-        let (pid, pidfd) = self.clone_init(req.network, move |fresh_netns| {
+        let (timeout, limits) = (req.timeout, req.limits);
+        let group = self.group_for(&limits)?;
+        let probes = group.as_ref().map(|g| g.probes.raw());
+        let (placed_r, placed_w) = match &group {
+            Some(_) => {
+                let (r, w) = sys::pipe().map_err(|e| SetupError::new("pipe", e))?;
+                (Some(r), Some(w))
+            }
+            None => (None, None),
+        };
+        let nproc_rlimit = self.cgroups.nproc_fallback;
+        let cloned = self.clone_init(req.network, move |fresh_netns| {
             let action = sock.try_clone().unwrap_or_else(|_| sys::exit_now(3));
             userns::init_main(userns::InitArgs {
                 req,
@@ -542,8 +643,33 @@ impl Helper {
                 dev_template,
                 fresh_netns,
                 last_cap,
+                cg: userns::InitCgroup {
+                    // SAFETY: our copies of the helper's probe fds (forked).
+                    probes: unsafe { Probes::adopt(probes) },
+                    placed: placed_r,
+                    nproc_rlimit,
+                },
             })
-        })?;
+        });
+        let (pid, pidfd) = match cloned {
+            Ok(x) => x,
+            Err(e) => {
+                if let Some(g) = group {
+                    self.cgroups.retire(g);
+                }
+                return Err(e);
+            }
+        };
+        if let (Some(g), Some(w)) = (&group, placed_w) {
+            match g.place(pid) {
+                Ok(()) => {
+                    let _ = sys::write_all(w.as_fd(), b"P");
+                }
+                // The init hears the pipe close without a byte and fails
+                // its set-up: no sandbox runs outside its limits.
+                Err(e) => tracing::error!(pid, "moving a sandbox into its cgroup: {e}"),
+            }
+        }
         Ok(Action {
             pidfd,
             pid,
@@ -554,6 +680,8 @@ impl Helper {
             timed_out: false,
             monitor: false,
             dropped: false,
+            group,
+            limits,
         })
     }
 
@@ -613,7 +741,14 @@ impl Helper {
         let ids = self.ids(0, 0);
         let base = self.base.clone();
         let (dev_template, last_cap) = (self.dev_template, self.last_cap);
-        match self.clone_init(false, move |fresh_netns| {
+        let limits = self.last_limits;
+        let group = match self.group_for(&limits) {
+            Ok(g) => g,
+            Err(e) => return self.no_more_spares(&e.to_string()),
+        };
+        let probes = group.as_ref().map(|g| g.probes.raw());
+        let nproc_rlimit = self.cgroups.nproc_fallback;
+        let cloned = self.clone_init(false, move |fresh_netns| {
             userns::spare_main(userns::SpareArgs {
                 chan: theirs,
                 ids,
@@ -621,17 +756,36 @@ impl Helper {
                 dev_template,
                 fresh_netns,
                 last_cap,
+                cg: userns::InitCgroup {
+                    // SAFETY: our copies of the helper's probe fds (forked).
+                    probes: unsafe { Probes::adopt(probes) },
+                    // It waits for its request, which comes after this.
+                    placed: None,
+                    nproc_rlimit,
+                },
             })
-        }) {
+        });
+        match cloned {
             Ok((pid, pidfd)) => {
+                let placed = group.as_ref().map_or(Ok(()), |g| g.place(pid));
                 self.spare = Some(Spare {
                     pid,
                     pidfd,
                     chan: mine,
                     ready: false,
-                })
+                    group,
+                });
+                if let Err(e) = placed {
+                    self.drop_spare();
+                    self.no_more_spares(&format!("moving it into its cgroup: {e}"));
+                }
             }
-            Err(e) => self.no_more_spares(&e.to_string()),
+            Err(e) => {
+                if let Some(g) = group {
+                    self.cgroups.retire(g);
+                }
+                self.no_more_spares(&e.to_string())
+            }
         }
     }
 
@@ -667,6 +821,9 @@ impl Helper {
         if let Some(s) = self.spare.take() {
             let _ = sys::pidfd_send_signal(s.pidfd.as_fd(), libc::SIGKILL);
             let _ = sys::waitid_pidfd(s.pidfd.as_fd());
+            if let Some(g) = s.group {
+                self.cgroups.retire(g);
+            }
         }
     }
 
@@ -679,7 +836,15 @@ impl Helper {
         stdout: &OwnedFd,
         stderr: &OwnedFd,
     ) -> Option<Action> {
-        let s = self.spare.take_if(|s| s.ready)?;
+        let mut s = self.spare.take_if(|s| s.ready)?;
+        if let Some(g) = s.group.as_mut()
+            && let Err(e) = g.set(&req.limits)
+        {
+            tracing::warn!("sandbox helper: {e}");
+            self.spare = Some(s);
+            self.drop_spare();
+            return None;
+        }
         let sent = protocol::send(
             s.chan.as_fd(),
             req,
@@ -697,6 +862,8 @@ impl Helper {
                     timed_out: false,
                     monitor: false,
                     dropped: false,
+                    group: s.group,
+                    limits: req.limits,
                 })
             }
             _ => {
@@ -761,5 +928,7 @@ pub(crate) fn oci_action(
         timed_out: false,
         monitor: true,
         dropped: false,
+        group: None,
+        limits: Limits::default(),
     })
 }

@@ -53,6 +53,65 @@ pub struct SpecContext {
     /// Kiln's init is the container's PID 1 (libcontainer). `false` for an
     /// external runtime, where the command itself is PID 1.
     pub kiln_init: bool,
+    /// The runtime puts the sandbox in a real cgroup: the limits go in
+    /// `linux.resources`.
+    pub cgroup_limits: bool,
+}
+
+/// Memory, pids and CPU limits as `linux.resources`; no swap past the
+/// memory limit.
+fn resources(l: &crate::limits::Limits) -> Result<oci_spec::runtime::LinuxResources, String> {
+    let mut r = oci_spec::runtime::LinuxResources::default();
+    if let Some(m) = l.memory_bytes {
+        r.set_memory(Some(
+            oci_spec::runtime::LinuxMemoryBuilder::default()
+                .limit(m as i64)
+                .swap(m as i64)
+                .build()
+                .map_err(e)?,
+        ));
+    }
+    if let Some(p) = l.pids {
+        r.set_pids(Some(
+            oci_spec::runtime::LinuxPidsBuilder::default()
+                .limit(p as i64)
+                .build()
+                .map_err(e)?,
+        ));
+    }
+    if let Some(c) = l.cpu_millis {
+        const PERIOD: u64 = 100_000;
+        r.set_cpu(Some(
+            oci_spec::runtime::LinuxCpuBuilder::default()
+                .period(PERIOD)
+                .quota((c * PERIOD / 1000).max(1000) as i64)
+                .build()
+                .map_err(e)?,
+        ));
+    }
+    Ok(r)
+}
+
+/// Makes the sandbox's cgroup directories ahead of the runtime (which uses
+/// them as they are) and opens its counters, for Kiln's init to read.
+fn cgroup_probes(cgroups_path: &Path) -> crate::limits::Probes {
+    let rel = cgroups_path.strip_prefix("/").unwrap_or(cgroups_path);
+    let base = Path::new("/sys/fs/cgroup");
+    let open = |dir: PathBuf, file: &str| {
+        std::fs::create_dir_all(&dir).ok()?;
+        sys::open(&sys::cpath(&dir.join(file)), libc::O_RDONLY, 0).ok()
+    };
+    if base.join("cgroup.controllers").exists() {
+        crate::limits::Probes {
+            memory_events: open(base.join(rel), "memory.events"),
+            pids_events: open(base.join(rel), "pids.events"),
+        }
+    } else {
+        crate::limits::Probes {
+            memory_events: open(base.join("memory").join(rel), "memory.oom_control"),
+            pids_events: open(base.join("pids").join(rel), "pids.events"),
+        }
+    }
 }
 
 fn e(s: impl std::fmt::Display) -> String {
@@ -143,6 +202,19 @@ pub(crate) fn spec_for(req: &WireRequest, ctx: &SpecContext) -> Result<Spec, Str
                 .map_err(e)?,
         );
     }
+    let size = crate::userns::mounts::tmpfs_size(&req.limits)
+        .map(|b| format!("size={}k", b.div_ceil(1024).max(4)));
+    let sized = |opts: &[&'static str]| -> Vec<String> {
+        opts.iter()
+            .map(|s| s.to_string())
+            .chain(size.clone())
+            .collect()
+    };
+    let shm_opts = sized(&["nosuid", "noexec", "nodev", "mode=1777"]);
+    let tmp_opts = sized(&["nosuid", "nodev", "mode=1777"]);
+    fn as_strs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
     mounts.extend([
         mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"])?,
         mount(
@@ -151,13 +223,8 @@ pub(crate) fn spec_for(req: &WireRequest, ctx: &SpecContext) -> Result<Spec, Str
             "tmpfs",
             &["nosuid", "noexec", "strictatime", "mode=755", "size=64k"],
         )?,
-        mount(
-            "/dev/shm",
-            "tmpfs",
-            "shm",
-            &["nosuid", "noexec", "nodev", "mode=1777"],
-        )?,
-        mount("/tmp", "tmpfs", "tmpfs", &["nosuid", "nodev", "mode=1777"])?,
+        mount("/dev/shm", "tmpfs", "shm", &as_strs(&shm_opts))?,
+        mount("/tmp", "tmpfs", "tmpfs", &as_strs(&tmp_opts))?,
     ]);
     let mut ns: Vec<LinuxNamespaceType> = vec![
         LinuxNamespaceType::Pid,
@@ -229,6 +296,9 @@ pub(crate) fn spec_for(req: &WireRequest, ctx: &SpecContext) -> Result<Spec, Str
         .build()
         .map_err(e)?;
     linux.set_seccomp(seccomp);
+    if ctx.cgroup_limits {
+        linux.set_resources(Some(resources(&req.limits)?));
+    }
     let mut annotations = HashMap::new();
     if !ctx.warnings.is_empty() {
         annotations.insert(WARNINGS_ANNOTATION.to_string(), ctx.warnings.join("\n"));
@@ -336,30 +406,20 @@ fn ensure_cwd(root: &Path, cwd: &Path) -> Result<(), SetupError> {
     Ok(())
 }
 
-fn host_warnings(privileged: bool, external: bool) -> Vec<String> {
-    if external {
-        return vec![
-            "external OCI runtime: the command is the container's PID 1 \
-             (signals it does not handle are ignored; no Kiln init reaps orphans)"
-                .to_string(),
-            "external OCI runtime: nested user namespaces are not disabled \
-             (runc refuses the user.max_user_namespaces sysctl)"
-                .to_string(),
-            "external OCI runtime: the runtime may add HOME (runc: and PATH) to the environment"
-                .to_string(),
-        ];
+fn host_warnings(external: bool) -> Vec<String> {
+    if !external {
+        return Vec::new();
     }
-    let mut w = Vec::new();
-    let v1 =
-        Path::new("/sys/fs/cgroup/memory").is_dir() || Path::new("/sys/fs/cgroup/pids").is_dir();
-    if v1 && !privileged {
-        w.push(
-            "cgroup v1 and an unprivileged helper: no cgroup of its own for this sandbox, \
-             so no memory, CPU or pid limit could be applied"
-                .to_string(),
-        );
-    }
-    w
+    vec![
+        "external OCI runtime: the command is the container's PID 1 \
+         (signals it does not handle are ignored; no Kiln init reaps orphans)"
+            .to_string(),
+        "external OCI runtime: nested user namespaces are not disabled \
+         (runc refuses the user.max_user_namespaces sysctl)"
+            .to_string(),
+        "external OCI runtime: the runtime may add HOME (runc: and PATH) to the environment"
+            .to_string(),
+    ]
 }
 
 /// The helper's OCI state directory (bundles, libcontainer's and the
@@ -603,9 +663,15 @@ fn monitor(
         outside_uid,
         outside_gid,
         subtree_sources,
-        warnings: host_warnings(ctx.privileged, external.is_some()),
+        warnings: host_warnings(external.is_some()),
         cgroups_path,
         kiln_init: external.is_none(),
+        cgroup_limits: ctx.privileged,
+    };
+    let probes = if ctx.privileged {
+        cgroup_probes(&sctx.cgroups_path)
+    } else {
+        crate::limits::Probes::default()
     };
     let spec = spec_for(&req, &sctx).unwrap_or_else(|m| fail(SetupError { step: m, errno: 0 }));
     let bundle = states.join("bundles").join(&id);
@@ -642,6 +708,7 @@ fn monitor(
             stdout,
             stderr,
             &sctx.warnings,
+            &probes,
         );
     }
     let devnull = sys::open(c"/dev/null", libc::O_RDONLY, 0)
@@ -649,6 +716,9 @@ fn monitor(
     let executor = KilnInit {
         sock: sock.as_raw_fd(),
         last_cap: ctx.last_cap,
+        limits: req.limits,
+        probes: probes.raw(),
+        nproc_rlimit: !ctx.privileged,
     };
     let built = ContainerBuilder::new(id.clone(), SyscallType::Linux)
         .with_root_path(&states)
@@ -693,6 +763,8 @@ fn monitor(
         .unwrap_or_else(|e| fail(SetupError::new("pidfd_open(container init)", e)));
     let timed_out = wait_with_deadline(pidfd.as_fd(), sock, req.timeout.map(|t| started + t));
     let reaped = sys::waitid_pidfd(pidfd.as_fd());
+    // Before the runtime removes the cgroup (its files then read ENODEV).
+    let limits_hit = probes.hits(&req.limits);
     let _ = container.delete(true);
     cleanup_bundle();
     let killed = match (timed_out, reaped) {
@@ -715,6 +787,7 @@ fn monitor(
             peak_rss_bytes: 0,
             setup: Duration::ZERO,
             warnings: Vec::new(),
+            limits_hit,
         };
         let _ = protocol::send(
             sock,
@@ -745,6 +818,7 @@ fn run_external(
     stdout: OwnedFd,
     stderr: OwnedFd,
     warnings: &[String],
+    probes: &crate::limits::Probes,
 ) -> ! {
     let fail = |e: SetupError| -> ! {
         let _ = std::fs::remove_dir_all(bundle);
@@ -871,6 +945,8 @@ fn run_external(
     }
     let timed_out = wait_with_deadline(pidfd.as_fd(), sock, req.timeout.map(|t| started + t));
     let reaped = sys::wait4(pid);
+    // Before the runtime removes the cgroup (its files then read ENODEV).
+    let limits_hit = probes.hits(&req.limits);
     let wall = started.elapsed();
     delete();
     let (status, ru) = match reaped {
@@ -900,6 +976,7 @@ fn run_external(
         peak_rss_bytes: ru.ru_maxrss as u64 * 1024,
         setup: Duration::ZERO,
         warnings: Vec::new(),
+        limits_hit,
     };
     let _ = protocol::send(
         sock,
@@ -994,6 +1071,10 @@ fn wait_with_deadline(
 struct KilnInit {
     sock: RawFd,
     last_cap: libc::c_ulong,
+    limits: crate::limits::Limits,
+    /// The cgroup's counters, inherited from the monitor.
+    probes: (Option<RawFd>, Option<RawFd>),
+    nproc_rlimit: bool,
 }
 
 impl Executor for KilnInit {
@@ -1072,16 +1153,31 @@ impl Executor for KilnInit {
             .collect();
         // libcontainer set no_new_privs and left us only NET_ADMIN and
         // SETPCAP; the command gives those up too before its execve.
-        let exec = Exec::new(&argv, &env, out, err, self.last_cap);
+        let exec = Exec::new(&argv, &env, out, err, self.last_cap)
+            .with_limits(self.limits, self.nproc_rlimit);
+        // SAFETY: our copies of the monitor's probe fds (forked).
+        let probes = unsafe { crate::limits::Probes::adopt(Some(self.probes)) };
+        let tmpfs: Vec<(&str, Option<OwnedFd>)> = ["/tmp", "/dev/shm"]
+            .into_iter()
+            .map(|p| {
+                let fd = sys::open(&sys::cpath(p.as_ref()), libc::O_PATH | libc::O_DIRECTORY, 0);
+                (p, fd.ok())
+            })
+            .collect();
         match init::run_as_init(&exec, None) {
-            Ok((outcome, exec_ns)) => report(
-                &Reply::Finished {
-                    outcome,
-                    exec_ns,
-                    killed: None,
-                },
-                &[],
-            ),
+            Ok((mut outcome, exec_ns)) => {
+                let mut found = probes.hits(&self.limits);
+                found.extend(crate::userns::full_tmpfs(&tmpfs));
+                exec.report_limits(&mut outcome, found);
+                report(
+                    &Reply::Finished {
+                        outcome,
+                        exec_ns,
+                        killed: None,
+                    },
+                    &[],
+                )
+            }
             Err(e) => report(&Reply::Error(e), &[]),
         }
         sys::exit_now(0)
@@ -1120,6 +1216,7 @@ mod tests {
             timeout: None,
             hostname: "kiln".into(),
             oci_runtime: None,
+            limits: crate::limits::Limits::default(),
         }
     }
 
@@ -1132,6 +1229,7 @@ mod tests {
             warnings: vec!["w".into()],
             cgroups_path: "/kiln/x".into(),
             kiln_init: true,
+            cgroup_limits: true,
         };
         let spec = spec_for(&req(), &ctx).unwrap();
         let json = serde_json::to_value(&spec).unwrap();

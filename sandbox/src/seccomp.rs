@@ -382,7 +382,7 @@ pub(crate) fn compile(policy: &SeccompPolicy) -> Result<Vec<Program>, String> {
         by_errno
             .entry(r.errno)
             .or_default()
-            .insert(r.nr as i64, conditions(r));
+            .insert(r.nr, conditions(r));
     }
     let mut out = Vec::new();
     for (i, (errno, rules)) in by_errno.into_iter().enumerate() {
@@ -407,7 +407,8 @@ pub(crate) fn compile(policy: &SeccompPolicy) -> Result<Vec<Program>, String> {
 /// x32 system calls carry the x86-64 audit arch with bit 30 set in their
 /// number: no rule above would match them, so they are refused first.
 fn x32_guard() -> [seccompiler::sock_filter; 3] {
-    const BPF_LD_W_ABS: u16 = 0x00 | 0x00 | 0x20;
+    // BPF_LD | BPF_W | BPF_ABS
+    const BPF_LD_W_ABS: u16 = 0x20;
     const BPF_JGE_K: u16 = 0x05 | 0x30;
     const BPF_RET_K: u16 = 0x06;
     let insn = |code, jt, jf, k| seccompiler::sock_filter { code, jt, jf, k };

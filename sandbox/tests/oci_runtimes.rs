@@ -104,6 +104,23 @@ fn suite(rt: &str) {
         .mode();
     assert_eq!(mode & 0o6000, 0, "{mode:o}");
 
+    // Limits go in linux.resources; the cgroup's counters say what was hit.
+    let r = run_sh_with(&l, &s, "/probe balloon 512", |q| {
+        q.limits = Limits {
+            memory_bytes: Some(64 << 20),
+            pids: Some(64),
+            ..Limits::default()
+        }
+    });
+    assert!(!r.stdout.contains("balloon: 512"), "{r:?}");
+    assert!(
+        r.outcome
+            .limits_hit
+            .iter()
+            .any(|h| matches!(h, LimitHit::Memory { .. })),
+        "{r:?}"
+    );
+
     // The timeout kills everything, partial output stays readable.
     let marker = format!("kiln-{rt}-daemon-{}", std::process::id());
     let mut q = sh_request(

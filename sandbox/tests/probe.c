@@ -127,6 +127,30 @@ int main(int argc, char **argv) {
     report("setid-mknod", mknod(p, S_IFREG | 04755, 0));
     return 0;
   }
+  /* Touches N MiB of memory, one MiB at a time, saying how far it got. */
+  if (!strcmp(v, "balloon") && argc == 3) {
+    long n = atol(argv[2]);
+    for (long i = 0; i < n; i++) {
+      char *p = malloc(1 << 20);
+      if (!p) return report("balloon", -1), 1;
+      memset(p, 1, 1 << 20);
+    }
+    printf("balloon: %ld MiB\n", n);
+    return 0;
+  }
+  /* Forks N children that sleep; counts what the kernel refused. */
+  if (!strcmp(v, "forks") && argc == 3) {
+    long n = atol(argv[2]), ok = 0, again = 0;
+    for (long i = 0; i < n; i++) {
+      pid_t p = fork();
+      if (p == 0) { sleep(30); _exit(0); }
+      if (p > 0) ok++; else if (errno == EAGAIN) again++;
+    }
+    printf("forks: %ld ok, %ld EAGAIN\n", ok, again);
+    fflush(stdout);
+    kill(0, SIGKILL);
+    return 0;
+  }
   if (!strcmp(v, "connect")) {
     int s = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[2]))};

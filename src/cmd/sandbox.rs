@@ -70,6 +70,8 @@ pub struct RunArgs {
     /// Run the command without any seccomp filter.
     #[arg(long)]
     no_seccomp: bool,
+    #[command(flatten)]
+    limits: super::worker::LimitFlags,
     /// Print the outcome (status, times, peak memory) to stderr.
     #[arg(long, short)]
     verbose: bool,
@@ -125,6 +127,13 @@ pub fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
             read_only: ro,
         })
         .collect();
+    // The worker's defaults, as for one slot.
+    let mut defaults = kiln_executor::WorkerConfig {
+        slots: 1,
+        ..Default::default()
+    };
+    a.limits.apply(&mut defaults);
+    req.limits = defaults.limits();
     req.stdout = Stdio::Fd(std::io::stdout().as_fd().try_clone_to_owned()?);
     req.stderr = Stdio::Fd(std::io::stderr().as_fd().try_clone_to_owned()?);
 

@@ -289,15 +289,30 @@ pub(crate) enum ProcSetup {
     Prepared,
 }
 
+/// The size of `/tmp` and `/dev/shm` each: the scratch limit, and never
+/// more than the memory limit (their pages are memory).
+pub(crate) fn tmpfs_size(l: &crate::limits::Limits) -> Option<u64> {
+    match (l.scratch_bytes, l.memory_bytes) {
+        (Some(s), Some(m)) => Some(s.min(m)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// `dev_template`: where the helper keeps a ready `/dev` to bind, if it could
-/// make one; otherwise each sandbox builds its own.
+/// make one; otherwise each sandbox builds its own. `tmpfs_size`: bytes of
+/// `/tmp` and `/dev/shm` each (`None`: the kernel's default, half the RAM).
 pub(crate) fn plan(
     root: &Root,
     cwd: &Path,
     subtrees: &[Subtree],
     dev_template: Option<&'static CStr>,
     proc: ProcSetup,
+    tmpfs_size: Option<u64>,
 ) -> Vec<Op> {
+    let sized = |mode: &str| match tmpfs_size {
+        Some(b) => format!("mode={mode},size={}k", b.div_ceil(1024).max(4)),
+        None => format!("mode={mode}"),
+    };
     let subtrees = ordered_subtrees(subtrees);
     let root_ro = subtrees
         .iter()
@@ -337,12 +352,12 @@ pub(crate) fn plan(
     ops.push(Op::Tmpfs {
         target: "dev/shm".into(),
         flags: NOSUID_NODEV | libc::MS_NOEXEC,
-        data: "mode=1777".into(),
+        data: sized("1777"),
     });
     ops.push(Op::Tmpfs {
         target: "tmp".into(),
         flags: NOSUID_NODEV,
-        data: "mode=1777".into(),
+        data: sized("1777"),
     });
     match proc {
         ProcSetup::Fresh => {
@@ -766,6 +781,7 @@ mod tests {
             ],
             None,
             ProcSetup::Fresh,
+            None,
         );
         let binds: Vec<_> = ops
             .iter()
@@ -793,6 +809,7 @@ mod tests {
             &[sub("", true)],
             None,
             ProcSetup::Fresh,
+            None,
         );
         let pos = |want: &Op| ops.iter().position(|o| o == want).unwrap();
         let remount = pos(&Op::RemountRoot { read_only: true });
@@ -811,6 +828,7 @@ mod tests {
             &[],
             None,
             ProcSetup::Fresh,
+            None,
         );
         let w = ops
             .iter()
@@ -840,6 +858,7 @@ mod tests {
                 &marks,
                 template,
                 ProcSetup::Fresh,
+                None,
             );
             let last_bind = ops
                 .iter()
@@ -866,6 +885,7 @@ mod tests {
             &[],
             Some(c"/t"),
             ProcSetup::Fresh,
+            None,
         );
         let pos = |want: &Op| ops.iter().position(|o| o == want);
         let bind = pos(&Op::DevFromTemplate(c"/t")).unwrap();
@@ -909,6 +929,7 @@ mod tests {
             &[sub("fail", true)],
             None,
             ProcSetup::Fresh,
+            None,
         );
         let mut r = Recorder(Vec::new());
         let e = apply(&ops, &mut r).unwrap_err();
