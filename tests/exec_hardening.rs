@@ -196,12 +196,13 @@ async fn a_deeply_nested_output_is_refused_and_the_service_survives() {
 
 /// Finding 3 (worker side): an action may `chmod 4755` what it owns, its
 /// outputs and its stdout; no set-id bit may reach a result (`unix_mode`)
-/// or stay on the worker.
+/// or stay on the worker. The seccomp filter refuses such a `chmod` by
+/// default; the worker must not depend on it, so it is allowed back here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_id_bits_never_reach_results_or_the_worker() {
     let root = need_busybox!();
     let dir = tempfile::tempdir().unwrap();
-    let server = serve(dir.path(), &["--workers", "1"]);
+    let server = serve(dir.path(), &["--workers", "1", "--seccomp-allow", "setid"]);
     let ch = channel(&server.url()).await;
     let input = upload_dir(&ch, &root).await;
     let mut spec = ActionSpec::shell(

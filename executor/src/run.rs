@@ -14,7 +14,7 @@ use kiln_proto::protobuf::Timestamp;
 use kiln_proto::reapi::{Action, ActionResult, Command, Digest, ExecutedActionMetadata};
 use kiln_proto::rpc;
 use kiln_proto::worker::{Lease, Stage};
-use kiln_sandbox::{Finished, Launcher, Root, SandboxRequest, Stdio, Subtree};
+use kiln_sandbox::{Finished, Launcher, Limits, Root, SandboxRequest, Stdio, Subtree};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 
@@ -69,6 +69,7 @@ pub struct Executor {
     scratch: PathBuf,
     network_allowed: bool,
     output_limit: u64,
+    limits: Limits,
     trees: Mutex<HashMap<String, Arc<InputTree>>>,
 }
 
@@ -84,6 +85,8 @@ pub struct ExecutorParts {
     pub network_allowed: bool,
     /// Bytes of new outputs, stdout and stderr one action may leave.
     pub output_limit: u64,
+    /// Every action's resource limits.
+    pub limits: Limits,
 }
 
 impl Executor {
@@ -101,6 +104,7 @@ impl Executor {
             scratch: parts.scratch,
             network_allowed: parts.network_allowed,
             output_limit: parts.output_limit,
+            limits: parts.limits,
             trees: Mutex::new(HashMap::new()),
         })
     }
@@ -230,6 +234,7 @@ impl Executor {
         req.timeout = (lease.timeout_ms > 0).then(|| Duration::from_millis(lease.timeout_ms));
         req.stdout = Stdio::Fd(scratch.stdout.for_sandbox()?);
         req.stderr = Stdio::Fd(scratch.stderr.for_sandbox()?);
+        req.limits = self.limits;
 
         progress(Stage::Running);
         meta.execution_start_timestamp = now();
@@ -320,7 +325,7 @@ impl Executor {
             stderr_digest: stderr.as_ref().map(|u| u.digest().clone()),
             execution_metadata: Some(meta.clone()),
         };
-        let (code, message) = if let Some(e) = refused {
+        let (code, mut message) = if let Some(e) = refused {
             let status = e.to_status();
             tracing::warn!(lease = %lease.lease_id, error = %e, "outputs not collected");
             (tonic::Code::from(status.code), status.message)
@@ -340,6 +345,10 @@ impl Executor {
         } else {
             (tonic::Code::Ok, String::new())
         };
+        // A limit the action ran into is why it failed: a failed build (its
+        // exit code, status OK), not an error of Kiln's, for BuildStream
+        // treats RESOURCE_EXHAUSTED as fatal to the whole session.
+        append_note(&mut message, &limits_note(&outcome));
         Ok(LeaseOutcome {
             status: rpc::Status {
                 code: code as i32,
@@ -421,6 +430,33 @@ impl Executor {
             }
         }
     }
+}
+
+/// What the sandbox's limits did to an action, for the ExecuteResponse
+/// message: the limits it ran into, and those this worker could not apply.
+fn limits_note(outcome: &kiln_sandbox::Outcome) -> String {
+    let mut parts = Vec::new();
+    if !outcome.limits_hit.is_empty() {
+        let hits: Vec<String> = outcome.limits_hit.iter().map(|h| h.to_string()).collect();
+        parts.push(format!(
+            "the action ran into its limits: {}",
+            hits.join("; ")
+        ));
+    }
+    if !outcome.warnings.is_empty() {
+        parts.push(format!("on this worker: {}", outcome.warnings.join("; ")));
+    }
+    parts.join(". ")
+}
+
+fn append_note(message: &mut String, note: &str) {
+    if note.is_empty() {
+        return;
+    }
+    if !message.is_empty() {
+        message.push_str(". ");
+    }
+    message.push_str(note);
 }
 
 fn check_cancel(cancel: &CancellationToken) -> Result<()> {
