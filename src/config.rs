@@ -239,7 +239,8 @@ worker_loss_grace_secs = 60
 reattach_grace_secs = 30
 # Worker keepalive interval; three silent intervals drop the worker.
 keepalive_ms = 5000
-# Attempts an action gets when its workers vanish.
+# Attempts an action gets when its workers vanish or the server restarts
+# while it runs.
 max_attempts = 3
 # How long finished operations stay answerable, and at most how many.
 completed_retention_secs = 3600

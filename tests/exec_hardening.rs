@@ -325,3 +325,79 @@ async fn outputs_beyond_the_output_limit_are_refused_before_they_are_read() {
     let data = read_blob(&ch, f.digest.as_ref().unwrap()).await;
     assert!(data.iter().all(|b| *b == 0));
 }
+
+/// Finding 2, the other half: an action that takes the service down with it
+/// (here: `kiln serve` killed while it runs) was dispatched again after
+/// every restart, past `max_attempts`, so one request could keep the
+/// service in a crash loop. Each dispatch is journaled before the lease
+/// goes out, and restarts count as attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_count_as_attempts_so_no_action_crash_loops_the_service() {
+    let root = need_busybox!();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kiln.toml");
+    std::fs::write(
+        &config,
+        "[execution]\nmax_attempts = 2\nreattach_grace_secs = 1\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let start = |log: &str| {
+        Proc::start(
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--workers",
+                "1",
+                "--config",
+                config.to_str().unwrap(),
+            ],
+            &dir.path().join(log),
+            true,
+        )
+    };
+    let mut server = start("server1.log");
+    let ch = channel(&server.url()).await;
+    let input = upload_dir(&ch, &root).await;
+    let action = ActionSpec::shell(input, "sleep 600").upload(&ch).await;
+    let mut stream = execute(&ch, &action, true).await.unwrap();
+    let name = stream.message().await.unwrap().unwrap().name;
+
+    // Attempt 1, then a "crash"; attempt 2 after the restart, another crash.
+    for (attempt, log) in [(1, "server1.log"), (2, "server2.log")] {
+        if attempt > 1 {
+            server = start(log);
+        }
+        // Each start dispatches it once: attempt 1, then 2 (the log's field
+        // formatting carries colour codes, so only the word is matched).
+        assert!(
+            eventually(30, || server.log_text().contains("dispatched")).await,
+            "attempt {attempt} dispatched: {}",
+            server.log_text()
+        );
+        server.kill();
+    }
+
+    // Both attempts are used up: the third start does not run it again.
+    let server = start("server3.log");
+    let ch = channel(&server.url()).await;
+    let stream = wait(&ch, &name).await.expect("known after the restarts");
+    let op = tokio::time::timeout(Duration::from_secs(30), finish(stream))
+        .await
+        .expect("the operation ends instead of running a third time");
+    let status = response(&op).status.unwrap_or_default();
+    assert_eq!(Code::from(status.code), Code::Internal, "{status:?}");
+    assert!(
+        status.message.contains("2 attempts") && status.message.contains(&name),
+        "{}",
+        status.message
+    );
+    assert!(
+        !server.log_text().contains("dispatched"),
+        "{}",
+        server.log_text()
+    );
+}

@@ -107,10 +107,13 @@ pub mod record {
     }
 }
 
+/// A record for the writer, and who waits for it to be written.
+type Entry = (Record, Option<mpsc::SyncSender<()>>);
+
 /// Appends records from any thread; a background thread writes them.
 #[derive(Debug, Clone)]
 pub struct Journal {
-    tx: Option<mpsc::Sender<Record>>,
+    tx: Option<mpsc::Sender<Entry>>,
 }
 
 impl Journal {
@@ -148,7 +151,7 @@ impl Journal {
             .append(true)
             .open(path)
             .map_err(|e| Error::io("open journal", path, e))?;
-        let (tx, rx) = mpsc::channel::<Record>();
+        let (tx, rx) = mpsc::channel::<Entry>();
         let owned_path = path.to_path_buf();
         std::thread::Builder::new()
             .name("kiln-journal".into())
@@ -159,12 +162,28 @@ impl Journal {
 
     pub fn append(&self, kind: record::Kind) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(Record { kind: Some(kind) });
+            let _ = tx.send((Record { kind: Some(kind) }, None));
+        }
+    }
+
+    /// Appends a record and returns once it is written (and synced, with
+    /// `fsync`): for what must be on disk before the world hears of it,
+    /// such as an attempt before its lease goes out. Records appended
+    /// earlier are written first.
+    pub fn append_durable(&self, kind: record::Kind) {
+        let Some(tx) = &self.tx else { return };
+        let (done_tx, done_rx) = mpsc::sync_channel(1);
+        if tx
+            .send((Record { kind: Some(kind) }, Some(done_tx)))
+            .is_ok()
+        {
+            // An error only means the writer is gone (it logs why).
+            let _ = done_rx.recv();
         }
     }
 }
 
-fn writer(file: File, path: PathBuf, rx: mpsc::Receiver<Record>, fsync: bool) {
+fn writer(file: File, path: PathBuf, rx: mpsc::Receiver<Entry>, fsync: bool) {
     let mut w = BufWriter::new(file);
     // Write whatever is queued, then flush once: a burst of state changes
     // costs one write(2), not one per record.
@@ -172,10 +191,12 @@ fn writer(file: File, path: PathBuf, rx: mpsc::Receiver<Record>, fsync: bool) {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
         let mut failed = None;
-        for r in batch {
+        let mut waiting = Vec::new();
+        for (r, done) in batch {
             if let Err(e) = w.write_all(&r.encode_length_delimited_to_vec()) {
                 failed = Some(e);
             }
+            waiting.extend(done);
         }
         if let Err(e) = w.flush() {
             failed = Some(e);
@@ -188,6 +209,9 @@ fn writer(file: File, path: PathBuf, rx: mpsc::Receiver<Record>, fsync: bool) {
         }
         if let Some(e) = failed {
             tracing::error!(path = %path.display(), error = %e, "cannot write the operations journal");
+        }
+        for done in waiting {
+            let _ = done.send(());
         }
     }
 }
@@ -225,6 +249,23 @@ mod tests {
             name: name.into(),
             ..Default::default()
         })
+    }
+
+    #[test]
+    fn a_durable_append_is_on_disk_when_it_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ops.journal");
+        let (j, _) = Journal::open(&path, true, |r| r).unwrap();
+        j.append(queued("a"));
+        j.append_durable(record::Kind::Started(StartedRecord {
+            name: "a".into(),
+            worker: "w".into(),
+            attempt: 1,
+        }));
+        // No waiting for the writer: both are there already, in order.
+        let records = replay(&path).unwrap();
+        assert_eq!(records.len(), 2);
+        assert!(matches!(&records[1].kind, Some(record::Kind::Started(s)) if s.attempt == 1));
     }
 
     #[test]

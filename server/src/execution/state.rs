@@ -597,8 +597,10 @@ impl ExecutionState {
                 .collect(),
             queued_at_unix_ns: op.queued_at_unix_ns,
         };
+        // On disk before the lease goes out: if running it takes the whole
+        // service down, the restart counts this attempt (see `tick`).
         self.journal
-            .append(record::Kind::Started(journal::StartedRecord {
+            .append_durable(record::Kind::Started(journal::StartedRecord {
                 name: op.name.clone(),
                 worker: a.worker.clone(),
                 attempt: op.attempt,
@@ -1052,6 +1054,29 @@ impl ExecutionState {
             .map(|op| op.name.clone())
             .collect();
         for name in unclaimed {
+            let attempts = inner.ops.get(&name).map_or(0, |op| op.attempt);
+            if attempts >= self.config.max_attempts {
+                // It was running when the service went down, as many times
+                // as it may run: perhaps it is what takes the service down.
+                // Not run again, so nothing can keep the service in a
+                // crash loop; INTERNAL, for a client must not just retry it.
+                let status = rpc::Status {
+                    code: Code::Internal as i32,
+                    message: format!(
+                        "operation {name} was running when the server stopped, on each of its                          {attempts} attempts (execution.max_attempts = {}); it is not run again",
+                        self.config.max_attempts
+                    ),
+                    details: Vec::new(),
+                };
+                tracing::error!(operation = %name, attempts, "attempts used up across restarts; the operation is not run again");
+                self.finish(
+                    &mut inner,
+                    &name,
+                    Finish::Response(status, None),
+                    "failed: attempts used up across restarts",
+                );
+                continue;
+            }
             if let Some(op) = inner.ops.get_mut(&name) {
                 tracing::warn!(operation = %name, action = %op.action_digest, "no worker claimed this running operation after the restart; queueing it again");
                 op.state = OpState::Queued;
