@@ -401,3 +401,57 @@ async fn restarts_count_as_attempts_so_no_action_crash_loops_the_service() {
         server.log_text()
     );
 }
+
+/// Finding 12 (server side): a NUL byte in an argument, an environment
+/// variable, a path or a symlink target cannot reach a system call; it was
+/// caught only by the worker (INTERNAL after queueing). Execute refuses it
+/// with INVALID_ARGUMENT naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_bytes_are_invalid_arguments_at_execute_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &["--workers", "1"]);
+    let ch = channel(&server.url()).await;
+    let empty = kiln_proto::digest::empty();
+
+    let mut argv = ActionSpec::shell(empty.clone(), "echo a\0b");
+    argv.argv.push("more".into());
+    let mut env = ActionSpec::shell(empty.clone(), "true");
+    env.env.push(("BAD".into(), "x\0y".into()));
+    let mut out = ActionSpec::shell(empty.clone(), "true");
+    out.output_paths = vec!["out\0put".into()];
+    let mut wd = ActionSpec::shell(empty.clone(), "true");
+    wd.working_directory = "src\0".into();
+    let mut prop = ActionSpec::shell(empty.clone(), "true");
+    prop.platform
+        .push(("container-image".into(), "img\0".into()));
+    let (link_root, link_blob) = directory(&kiln_proto::reapi::Directory {
+        symlinks: vec![kiln_proto::reapi::SymlinkNode {
+            name: "lnk".into(),
+            target: "/etc\0/passwd".into(),
+            node_properties: None,
+        }],
+        ..Default::default()
+    });
+    upload(&ch, vec![(link_root.clone(), link_blob)]).await;
+    let link = ActionSpec::shell(link_root, "true");
+
+    for (spec, field) in [
+        (&argv, "arguments[2]"),
+        (&env, "environment variable \"BAD\""),
+        (&out, "output path"),
+        (&wd, "working_directory"),
+        (&prop, "platform property \"container-image\""),
+        (&link, "symlink \"lnk\""),
+    ] {
+        let action = spec.upload(&ch).await;
+        let err = execute(&ch, &action, true)
+            .await
+            .expect_err(&format!("{field}: refused at Execute"));
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().contains(field) && err.message().contains("NUL"),
+            "{field}: {}",
+            err.message()
+        );
+    }
+}

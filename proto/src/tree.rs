@@ -81,6 +81,12 @@ pub fn validate_directory(dir: &Directory) -> Result<(), String> {
         if s.target.is_empty() {
             return Err(format!("symlink {:?} has an empty target", s.name));
         }
+        if s.target.contains('\0') {
+            return Err(format!(
+                "symlink {:?} has a NUL byte in its target, which no path can hold",
+                s.name
+            ));
+        }
     }
     Ok(())
 }

@@ -86,9 +86,10 @@ pub async fn check(
         source,
     })?;
 
+    let properties = platform_properties(&action, &command);
+    check_no_nul(&command, &properties)?;
     check_command(&command)?;
 
-    let properties = platform_properties(&action, &command);
     let requirements = Requirements::parse(
         properties.iter().map(|(k, v)| (k.as_str(), v.as_str())),
         config.ignore_unknown_properties,
@@ -172,6 +173,48 @@ fn check_command(cmd: &Command) -> Result<()> {
                 v.name
             )));
         }
+    }
+    Ok(())
+}
+
+/// A NUL byte can reach no system call (an argument, the environment, a
+/// path), so one in any string a worker would pass on is refused here,
+/// naming the field, rather than by the worker after the action queued.
+/// (Names and symlink targets in the input tree: `validate_directory`.)
+#[allow(deprecated)]
+fn check_no_nul(cmd: &Command, properties: &[(String, String)]) -> Result<()> {
+    let refuse = |field: String| {
+        Err(Error::InvalidArgument(format!(
+            "{field} contains a NUL byte, which no argument, environment variable or path can hold"
+        )))
+    };
+    if let Some(i) = cmd.arguments.iter().position(|a| a.contains('\0')) {
+        return refuse(format!("arguments[{i}]"));
+    }
+    if let Some(v) = cmd
+        .environment_variables
+        .iter()
+        .find(|v| v.name.contains('\0') || v.value.contains('\0'))
+    {
+        return refuse(format!("environment variable {:?}", v.name));
+    }
+    if cmd.working_directory.contains('\0') {
+        return refuse("working_directory".into());
+    }
+    if let Some(p) = cmd
+        .output_paths
+        .iter()
+        .chain(&cmd.output_files)
+        .chain(&cmd.output_directories)
+        .find(|p| p.contains('\0'))
+    {
+        return refuse(format!("output path {p:?}"));
+    }
+    if let Some((name, _)) = properties
+        .iter()
+        .find(|(k, v)| k.contains('\0') || v.contains('\0'))
+    {
+        return refuse(format!("platform property {name:?}"));
     }
     Ok(())
 }
