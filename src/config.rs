@@ -134,6 +134,11 @@ impl Config {
         );
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| anyhow::anyhow!("`log.level` = {:?}: {e}", self.log.level))?;
+        anyhow::ensure!(
+            self.worker.cpu_limit.is_finite() && self.worker.cpu_limit >= 0.0,
+            "`worker.cpu_limit` = {} is not a number of CPUs",
+            self.worker.cpu_limit
+        );
         for p in &self.worker.platform {
             anyhow::ensure!(
                 p.contains('='),
@@ -265,6 +270,26 @@ backend = "userns"
 # oci_runtime = "/usr/bin/crun"
 # Empty network namespaces, and as many fresh IPC namespaces, kept ready.
 netns_pool = 8
+# Run every action under Kiln's seccomp filter (docs/security.md).
+seccomp = true
+# System-call groups the filter allows back: keyring, bpf, perf,
+# userfaultfd, kernel, ptrace, namespaces, mount, io_uring, setid.
+seccomp_allow = []
+# Per-action limits (0 lifts one); docs/security.md says what each holds.
+# Memory of one action, with its /tmp and /dev/shm. Default: 3/4 of the
+# host's memory divided by slots.
+# memory_limit_bytes = 4294967296
+# Processes and threads of one action at once.
+pids_limit = 4096
+# CPUs one action may use (a quota); 0: none (every action still gets an
+# equal CPU share).
+cpu_limit = 0.0
+# Size of /tmp and /dev/shm each, and the largest file an action may write
+# (16 GiB).
+scratch_limit_bytes = 17179869184
+# Most new data one action may leave (outputs, stdout and stderr together);
+# beyond it the action ends RESOURCE_EXHAUSTED. 4294967296 = 4 GiB.
+output_limit_bytes = 4294967296
 
 # Base root filesystems offered as the container-image property:
 # NAME = "PATH" (a root filesystem directory, an OCI image layout or an

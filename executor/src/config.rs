@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use kiln_sandbox::{Limits, SeccompPolicy, SyscallGroup};
 use serde::Deserialize;
 
 /// Which sandbox backend runs actions.
@@ -51,6 +52,31 @@ pub struct WorkerConfig {
     /// Empty network namespaces, and as many fresh IPC namespaces, kept
     /// ready (a privileged worker's fast path; 0: none). Default: 8.
     pub netns_pool: usize,
+    /// Run every action under Kiln's seccomp filter (docs/security.md).
+    /// Default: true.
+    pub seccomp: bool,
+    /// Groups of system calls the filter allows back, e.g. `["ptrace"]`
+    /// for builds that run debuggers or LeakSanitizer. Default: none.
+    pub seccomp_allow: Vec<SyscallGroup>,
+    /// Memory of one action's processes together, with what they keep in
+    /// `/tmp` and `/dev/shm`; 0: no limit. Default: three quarters of the
+    /// host's memory divided by `slots`.
+    pub memory_limit_bytes: Option<u64>,
+    /// Processes and threads of one action at once; 0: no limit.
+    /// Default: 4096.
+    pub pids_limit: u64,
+    /// CPUs one action may use (a quota, e.g. 1.5); 0: no quota. Every
+    /// action has an equal CPU share regardless. Default: 0.
+    pub cpu_limit: f64,
+    /// Size of an action's `/tmp` and `/dev/shm` each (never more than the
+    /// memory limit), and the largest file it may write; 0: no limit.
+    /// Default: 16 GiB.
+    pub scratch_limit_bytes: u64,
+    /// Bytes of new data one action may leave: its outputs (files still
+    /// the inputs they were do not count), stdout and stderr together.
+    /// Beyond it the action ends RESOURCE_EXHAUSTED, naming the path.
+    /// Default: 4 GiB.
+    pub output_limit_bytes: u64,
 }
 
 impl Default for WorkerConfig {
@@ -67,16 +93,61 @@ impl Default for WorkerConfig {
             backend: SandboxBackend::Userns,
             oci_runtime: None,
             netns_pool: 8,
+            seccomp: true,
+            seccomp_allow: Vec::new(),
+            memory_limit_bytes: None,
+            pids_limit: 4096,
+            cpu_limit: 0.0,
+            scratch_limit_bytes: 16 << 30,
+            output_limit_bytes: 4 << 30,
         }
     }
 }
 
 impl WorkerConfig {
+    /// Each action's resource limits.
+    pub fn limits(&self) -> Limits {
+        let some = |v: u64| (v > 0).then_some(v);
+        let memory = self
+            .memory_limit_bytes
+            .unwrap_or_else(|| host_memory() / 4 * 3 / self.slots.max(1) as u64);
+        Limits {
+            memory_bytes: some(memory),
+            pids: some(self.pids_limit),
+            cpu_millis: some((self.cpu_limit * 1000.0).round().max(0.0) as u64),
+            scratch_bytes: some(self.scratch_limit_bytes),
+        }
+    }
+
+    /// The seccomp policy of `seccomp` and `seccomp_allow`.
+    pub fn seccomp_policy(&self) -> SeccompPolicy {
+        SeccompPolicy {
+            enabled: self.seccomp,
+            allow: self.seccomp_allow.clone(),
+        }
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir
             .clone()
             .unwrap_or_else(|| default_cache_dir().join("worker"))
     }
+}
+
+/// The host's memory (`MemTotal`), in bytes; 0 if unknown.
+pub fn host_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`, else `/var/cache/kiln`.

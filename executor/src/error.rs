@@ -36,6 +36,18 @@ pub enum Error {
     Sandbox(#[from] kiln_sandbox::SandboxError),
     #[error("base root filesystem: {0}")]
     BaseRoot(String),
+    /// What the action left goes over one of the worker's output limits
+    /// (size, depth). `what` names it (`output file out/big`, `stdout`).
+    #[error("{what}: {why}")]
+    OutputLimit { what: String, why: String },
+    /// Collecting the outputs took longer than the action was allowed.
+    #[error(
+        "collecting the action's outputs took longer than the {allowed:?} allowed (its timeout); stopped at {what}"
+    )]
+    CollectDeadline {
+        what: String,
+        allowed: std::time::Duration,
+    },
     #[error("the action was cancelled")]
     Cancelled,
     #[error("{0}")]
@@ -93,6 +105,10 @@ impl Error {
                 (Code::InvalidArgument, Vec::new())
             }
             Error::BaseRoot(_) => (Code::FailedPrecondition, Vec::new()),
+            // Running it again would leave the same outputs: fatal to the
+            // client, as it should be.
+            Error::OutputLimit { .. } => (Code::ResourceExhausted, Vec::new()),
+            Error::CollectDeadline { .. } => (Code::DeadlineExceeded, Vec::new()),
             Error::Cancelled => (Code::Cancelled, Vec::new()),
             Error::Remote { status, .. } if status.code() == Code::Unavailable => {
                 (Code::Unavailable, Vec::new())

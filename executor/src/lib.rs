@@ -67,7 +67,21 @@ pub fn start(
     };
     launcher.oci_runtime = config.oci_runtime.clone();
     launcher.netns_pool = config.netns_pool;
+    launcher.seccomp = config.seccomp_policy();
     let launcher = Arc::new(Launcher::new(launcher)?);
+    let limits = config.limits();
+    tracing::info!(
+        memory = %limits.memory_bytes.map_or("none".into(), kiln_sandbox::human_bytes),
+        pids = %limits.pids.map_or("none".into(), |n| n.to_string()),
+        cpus = %limits.cpu_millis.map_or("no quota".into(), |m| format!("{:.2}", m as f64 / 1000.0)),
+        scratch = %limits.scratch_bytes.map_or("none".into(), kiln_sandbox::human_bytes),
+        cgroups = %launcher.cgroups(),
+        seccomp = config.seccomp,
+        "sandbox limits per action"
+    );
+    for l in launcher.limitations() {
+        tracing::warn!("sandbox limitation on this host: {l}");
+    }
     let (channel, cas) = worker::cas_client(&config.server)?;
     let hostname = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
@@ -105,6 +119,8 @@ pub fn start(
         bases,
         scratch: data.join("scratch"),
         network_allowed: config.network,
+        output_limit: config.output_limit_bytes,
+        limits,
     })?);
     Ok(tokio::spawn(worker::run(exec, identity, channel, shutdown)))
 }

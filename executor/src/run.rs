@@ -3,7 +3,7 @@
 //! ActionResult.
 
 use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -14,14 +14,14 @@ use kiln_proto::protobuf::Timestamp;
 use kiln_proto::reapi::{Action, ActionResult, Command, Digest, ExecutedActionMetadata};
 use kiln_proto::rpc;
 use kiln_proto::worker::{Lease, Stage};
-use kiln_sandbox::{Finished, Launcher, Root, SandboxRequest, Stdio, Subtree};
+use kiln_sandbox::{Finished, Launcher, Limits, Root, SandboxRequest, Stdio, Subtree};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::base::BaseRoots;
 use crate::cache::BlobCache;
 use crate::cas::CasClient;
-use crate::collect::{self, OutputSpec, Upload};
+use crate::collect::{self, Budget, Collected, OutputSpec, Upload};
 use crate::error::{Error, Result};
 use crate::stage::{Staged, StagedTree, Stager};
 use crate::transfer::{blocking, fetch_missing, upload_missing};
@@ -35,6 +35,9 @@ const TREE_MEMO: usize = 256;
 const STAGE_ATTEMPTS: usize = 3;
 /// stdout/stderr up to this size are uploaded from memory.
 const SMALL_LOG: u64 = 1 << 20;
+/// Collecting outputs may take as long as the action's timeout, and at
+/// least this long (a short timeout is about the command, not its outputs).
+const MIN_COLLECT_TIME: Duration = Duration::from_secs(10);
 
 /// What became of a lease, for the `Done` message.
 #[derive(Debug)]
@@ -65,6 +68,8 @@ pub struct Executor {
     bases: BaseRoots,
     scratch: PathBuf,
     network_allowed: bool,
+    output_limit: u64,
+    limits: Limits,
     trees: Mutex<HashMap<String, Arc<InputTree>>>,
 }
 
@@ -78,6 +83,10 @@ pub struct ExecutorParts {
     pub bases: BaseRoots,
     pub scratch: PathBuf,
     pub network_allowed: bool,
+    /// Bytes of new outputs, stdout and stderr one action may leave.
+    pub output_limit: u64,
+    /// Every action's resource limits.
+    pub limits: Limits,
 }
 
 impl Executor {
@@ -94,6 +103,8 @@ impl Executor {
             bases: parts.bases,
             scratch: parts.scratch,
             network_allowed: parts.network_allowed,
+            output_limit: parts.output_limit,
+            limits: parts.limits,
             trees: Mutex::new(HashMap::new()),
         })
     }
@@ -221,8 +232,9 @@ impl Executor {
             })
             .collect();
         req.timeout = (lease.timeout_ms > 0).then(|| Duration::from_millis(lease.timeout_ms));
-        req.stdout = Stdio::File(scratch.stdout.clone());
-        req.stderr = Stdio::File(scratch.stderr.clone());
+        req.stdout = Stdio::Fd(scratch.stdout.for_sandbox()?);
+        req.stderr = Stdio::Fd(scratch.stderr.for_sandbox()?);
+        req.limits = self.limits;
 
         progress(Stage::Running);
         meta.execution_start_timestamp = now();
@@ -248,37 +260,56 @@ impl Executor {
         let started = std::time::Instant::now();
         let cache = Arc::clone(&self.cache);
         let spec2 = spec.clone();
-        let stdout_path = scratch.stdout.clone();
-        let stderr_path = scratch.stderr.clone();
-        let (collected, stdout, stderr) = blocking(move || {
-            let mounts: Vec<String> = finished
-                .kiln_mounts()
-                .iter()
-                .map(|p| p.to_string_lossy().into_owned())
-                .collect();
-            let collected = collect::collect(
-                &spec2,
-                &collect::Source {
-                    root: finished.root().fd(),
-                    mounts: &mounts,
-                    cache: &cache,
-                    trust_inodes,
-                },
-            );
+        let logs = [scratch.stdout.clone(), scratch.stderr.clone()];
+        let timeout = Duration::from_millis(lease.timeout_ms);
+        let mut budget = Budget::new(
+            self.output_limit,
+            timeout.max(MIN_COLLECT_TIME),
+            cancel.clone(),
+        );
+        let (stdout, stderr, outputs) = blocking(move || {
+            // stdout and stderr first: within the limit, they tell what
+            // went wrong even when the outputs do not fit.
+            let [out, err] = logs;
+            let stdout = log_blob(&cache, &out, "stdout", &mut budget);
+            let stderr = log_blob(&cache, &err, "stderr", &mut budget);
+            let outputs = if stdout.is_ok() && stderr.is_ok() {
+                let mounts: Vec<String> = finished
+                    .kiln_mounts()
+                    .iter()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .collect();
+                collect::collect(
+                    &spec2,
+                    &collect::Source {
+                        root: finished.root().fd(),
+                        mounts: &mounts,
+                        cache: &cache,
+                        trust_inodes,
+                    },
+                    &mut budget,
+                )
+            } else {
+                Ok(Collected::default())
+            };
             // Dropped, not released: the sandbox's mount namespace is torn
             // down on a background thread, so the result goes out without
             // waiting for the kernel to unmount it all.
             drop(finished);
-            let stdout = log_blob(&cache, &stdout_path)?;
-            let stderr = log_blob(&cache, &stderr_path)?;
-            Ok((collected?, stdout, stderr))
+            Ok((stdout, stderr, outputs))
         })
         .await?;
         drop(staged);
         drop(base);
+        // What went over a limit (or past the deadline) still leaves the
+        // command's own result; anything else fails the lease.
+        let mut refused = None;
+        let stdout = soft(stdout.map(Some), &mut refused)?;
+        let stderr = soft(stderr.map(Some), &mut refused)?;
+        let collected = soft(outputs, &mut refused)?;
         let mut uploads = collected.uploads;
-        uploads.push(stdout.clone());
-        uploads.push(stderr.clone());
+        uploads.extend(stdout.clone());
+        uploads.extend(stderr.clone());
         upload_missing(&cas, &self.cache, uploads).await?;
         drop(scratch);
         meta.output_upload_completed_timestamp = now();
@@ -295,12 +326,16 @@ impl Executor {
             output_directory_symlinks: collected.directory_symlinks,
             exit_code: outcome.status.code(),
             stdout_raw: Vec::new(),
-            stdout_digest: Some(stdout.digest().clone()),
+            stdout_digest: stdout.as_ref().map(|u| u.digest().clone()),
             stderr_raw: Vec::new(),
-            stderr_digest: Some(stderr.digest().clone()),
+            stderr_digest: stderr.as_ref().map(|u| u.digest().clone()),
             execution_metadata: Some(meta.clone()),
         };
-        let (code, message) = if outcome.timed_out {
+        let (code, mut message) = if let Some(e) = refused {
+            let status = e.to_status();
+            tracing::warn!(lease = %lease.lease_id, error = %e, "outputs not collected");
+            (tonic::Code::from(status.code), status.message)
+        } else if outcome.timed_out {
             (
                 tonic::Code::DeadlineExceeded,
                 format!(
@@ -316,6 +351,10 @@ impl Executor {
         } else {
             (tonic::Code::Ok, String::new())
         };
+        // A limit the action ran into is why it failed: a failed build (its
+        // exit code, status OK), not an error of Kiln's, for BuildStream
+        // treats RESOURCE_EXHAUSTED as fatal to the whole session.
+        append_note(&mut message, &limits_note(&outcome));
         Ok(LeaseOutcome {
             status: rpc::Status {
                 code: code as i32,
@@ -399,6 +438,33 @@ impl Executor {
     }
 }
 
+/// What the sandbox's limits did to an action, for the ExecuteResponse
+/// message: the limits it ran into, and those this worker could not apply.
+fn limits_note(outcome: &kiln_sandbox::Outcome) -> String {
+    let mut parts = Vec::new();
+    if !outcome.limits_hit.is_empty() {
+        let hits: Vec<String> = outcome.limits_hit.iter().map(|h| h.to_string()).collect();
+        parts.push(format!(
+            "the action ran into its limits: {}",
+            hits.join("; ")
+        ));
+    }
+    if !outcome.warnings.is_empty() {
+        parts.push(format!("on this worker: {}", outcome.warnings.join("; ")));
+    }
+    parts.join(". ")
+}
+
+fn append_note(message: &mut String, note: &str) {
+    if note.is_empty() {
+        return;
+    }
+    if !message.is_empty() {
+        message.push_str(". ");
+    }
+    message.push_str(note);
+}
+
 fn check_cancel(cancel: &CancellationToken) -> Result<()> {
     if cancel.is_cancelled() {
         Err(Error::Cancelled)
@@ -433,32 +499,82 @@ fn prepare_upper(upper: &Path, working_directory: &str, spec: &OutputSpec) -> Re
     Ok(())
 }
 
-/// stdout or stderr as a blob to upload.
-fn log_blob(cache: &BlobCache, path: &Path) -> Result<Upload> {
-    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+/// `r`'s value, or its default when `r` failed for going over an output
+/// limit or past the collection deadline (the first such error is kept in
+/// `refused`).
+fn soft<T: Default>(r: Result<T>, refused: &mut Option<Error>) -> Result<T> {
+    match r {
+        Ok(v) => Ok(v),
+        Err(e @ (Error::OutputLimit { .. } | Error::CollectDeadline { .. })) => {
+            refused.get_or_insert(e);
+            Ok(T::default())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// stdout or stderr as a blob to upload, within the budget.
+fn log_blob(cache: &BlobCache, log: &LogFile, what: &str, budget: &mut Budget) -> Result<Upload> {
+    let file = &log.read;
+    // The action had this file as its fd 1 or 2 and may have chmod-ed it
+    // (`chmod 4755 /proc/self/fd/1`): nothing set-id stays, even here.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io("chmod", &log.path, e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io("stat", &log.path, e))?;
+    let size = meta.len();
     if size == 0 {
         return Ok(Upload::Bytes(digest::empty(), Bytes::new()));
     }
+    // Before reading: `truncate -s 1G /proc/self/fd/1` costs the action nothing.
+    budget.charge(what, size)?;
     if size <= SMALL_LOG {
-        let data = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+        let mut data = vec![0u8; size as usize];
+        file.read_exact_at(&mut data, 0)
+            .map_err(|e| Error::io("read", &log.path, e))?;
         return Ok(Upload::Bytes(digest::of_bytes(&data), Bytes::from(data)));
     }
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
-    let mut hasher = digest::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = std::io::Read::read(&mut f, &mut buf).map_err(|e| Error::io("read", path, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    let d = hasher.finish();
-    // Hardlink the log into the cache (it is ours and done) rather than copy.
+    let d = collect::hash_file(file, size, what, budget)?;
+    // Hardlink the log into the cache (it is ours and done) rather than
+    // copy: holes stay holes.
     let tmp = cache.tmp_path();
-    std::fs::hard_link(path, &tmp).map_err(|e| Error::io("link", path, e))?;
+    std::fs::hard_link(&log.path, &tmp).map_err(|e| Error::io("link", &log.path, e))?;
     cache.insert_file(&d, &tmp)?;
     Ok(Upload::Cached(d))
+}
+
+/// The file an action's stdout or stderr goes to: created by the worker,
+/// private, and read back through the worker's own handle.
+struct LogFile {
+    path: PathBuf,
+    read: std::fs::File,
+}
+
+impl LogFile {
+    fn create(path: PathBuf) -> Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let read = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| Error::io("create", &path, e))?;
+        Ok(Self { path, read })
+    }
+
+    /// A write-only descriptor of it for the sandbox.
+    fn for_sandbox(&self) -> Result<std::os::fd::OwnedFd> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&self.path)
+            .map(Into::into)
+            .map_err(|e| Error::io("open", &self.path, e))
+    }
 }
 
 /// One action's scratch space: the overlay's upper and work directories and
@@ -467,8 +583,8 @@ struct Scratch {
     dir: PathBuf,
     upper: PathBuf,
     work: PathBuf,
-    stdout: PathBuf,
-    stderr: PathBuf,
+    stdout: Arc<LogFile>,
+    stderr: Arc<LogFile>,
     trash: Arc<Trash>,
 }
 
@@ -481,8 +597,8 @@ impl Scratch {
             std::fs::create_dir_all(d).map_err(|e| Error::io("create scratch", d, e))?;
         }
         Ok(Self {
-            stdout: dir.join("stdout"),
-            stderr: dir.join("stderr"),
+            stdout: Arc::new(LogFile::create(dir.join("stdout"))?),
+            stderr: Arc::new(LogFile::create(dir.join("stderr"))?),
             dir,
             upper,
             work,

@@ -44,7 +44,24 @@ impl InputTree {
                 stack.push((child, join(&path, &sub.name)));
             }
         }
-        Ok(Self { root, dirs })
+        let tree = Self { root, dirs };
+        if let Some(why) = kiln_proto::tree::too_deep(&tree.root.hash, |hash| {
+            tree.dirs
+                .get(hash)
+                .map(|dir| {
+                    dir.directories
+                        .iter()
+                        .map(|n| (n.name.clone(), n.digest.clone().expect("validated").hash))
+                        .collect()
+                })
+                .unwrap_or_default()
+        }) {
+            return Err(Error::InvalidTree(format!(
+                "input root {}: {why}",
+                digest::key(&tree.root)
+            )));
+        }
+        Ok(tree)
     }
 
     pub fn directory(&self, d: &Digest) -> &Directory {
@@ -87,23 +104,22 @@ impl InputTree {
     /// mounts as few read-only binds as needed.
     pub fn read_only_marks(&self) -> Vec<(String, bool)> {
         let mut out = Vec::new();
-        self.walk_marks(&self.root, String::new(), false, &mut out);
+        let mut stack = vec![(self.root.clone(), String::new(), false)];
+        while let Some((d, path, inherited)) = stack.pop() {
+            let dir = self.directory(&d);
+            let mut state = inherited;
+            if let Some(ro) = subtree_read_only(dir)
+                && ro != inherited
+            {
+                out.push((path.clone(), ro));
+                state = ro;
+            }
+            for sub in dir.directories.iter().rev() {
+                let child = sub.digest.clone().expect("validated");
+                stack.push((child, join(&path, &sub.name), state));
+            }
+        }
         out
-    }
-
-    fn walk_marks(&self, d: &Digest, path: String, inherited: bool, out: &mut Vec<(String, bool)>) {
-        let dir = self.directory(d);
-        let mut state = inherited;
-        if let Some(ro) = subtree_read_only(dir)
-            && ro != inherited
-        {
-            out.push((path.clone(), ro));
-            state = ro;
-        }
-        for sub in &dir.directories {
-            let child = sub.digest.as_ref().expect("validated");
-            self.walk_marks(child, join(&path, &sub.name), state, out);
-        }
     }
 
     /// Visits every directory with its path, parents first.

@@ -16,9 +16,11 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 
 use crate::error::SetupError;
+use crate::limits::{Cgroups, Group, Limits, Probes};
 use crate::outcome::{ExitStatus, Outcome};
 use crate::protocol::{self, KilledBy, Received, Reply, WireRequest};
 use crate::request::BackendKind;
+use crate::seccomp::{self, SeccompPolicy};
 use crate::sys::{self, Forked, Reaped};
 use crate::userns::{self, idmap::IdMap, nspool::NsPool};
 
@@ -33,6 +35,8 @@ const SPARE_AFTER: Duration = Duration::from_micros(600);
 pub(crate) const POOL_ENV: &str = "KILN_SANDBOX_NETNS_POOL";
 /// `userns` or `oci`: the backend this helper serves.
 pub(crate) const BACKEND_ENV: &str = "KILN_SANDBOX_BACKEND";
+/// The seccomp policy ([`SeccompPolicy::to_env`]).
+pub(crate) const SECCOMP_ENV: &str = "KILN_SANDBOX_SECCOMP";
 
 /// Runs the helper; never returns. Call it first thing in `main` when the
 /// process was started with the hidden argument the [`LauncherConfig`]
@@ -41,7 +45,12 @@ pub(crate) const BACKEND_ENV: &str = "KILN_SANDBOX_BACKEND";
 ///
 /// [`LauncherConfig`]: crate::LauncherConfig
 pub fn helper_main() -> ! {
-    let code = match Helper::from_env().and_then(|h| h.run()) {
+    let code = match Helper::from_env().and_then(|h| {
+        let privileged = h.privileged;
+        let r = h.run();
+        crate::oci::remove_state_root(privileged);
+        r
+    }) {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!("sandbox helper: {e}");
@@ -56,12 +65,14 @@ pub(crate) struct Action {
     pid: libc::pid_t,
     sock: OwnedFd,
     deadline: Option<Instant>,
-    netns: Option<OwnedFd>,
     timed_out: bool,
     /// An OCI monitor rather than a sandbox's init.
     monitor: bool,
     /// The launcher hung up: the sandbox was killed.
     dropped: bool,
+    /// Its cgroup, and the limits it was asked for.
+    group: Option<Group>,
+    limits: Limits,
 }
 
 /// A sandbox init made ahead of its request, waiting on `chan`.
@@ -69,9 +80,9 @@ struct Spare {
     pid: libc::pid_t,
     pidfd: OwnedFd,
     chan: OwnedFd,
-    netns: Option<OwnedFd>,
     /// It said it is prepared.
     ready: bool,
+    group: Option<Group>,
 }
 
 struct Helper {
@@ -92,6 +103,15 @@ struct Helper {
     spare_at: Option<Instant>,
     last_cap: libc::c_ulong,
     actions: Vec<Action>,
+    cgroups: Cgroups,
+    /// The limits of the last request: the guess for sandboxes made ahead.
+    last_limits: Limits,
+    /// A cgroup made ahead for the next sandbox that is not the spare's.
+    ready_group: Option<Group>,
+    /// The helper's own `RLIMIT_NPROC` (`ulimit -u` of whoever started
+    /// Kiln), which no sandbox's process limit may exceed: the kernel does
+    /// not apply it to processes of host uid 0.
+    nproc_cap: Option<u64>,
 }
 
 /// Every sandbox starts from a copy of the helper's mount table, and each
@@ -151,6 +171,17 @@ fn unmount_below_proc() {
     }
 }
 
+/// This process's `RLIMIT_NPROC`, if it is finite.
+fn nproc_cap() -> Option<u64> {
+    // SAFETY: zeroed rlimit is valid; plain getter.
+    let mut r: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NPROC, &mut r) } != 0 {
+        return None;
+    }
+    (r.rlim_cur != libc::RLIM_INFINITY && r.rlim_cur > 0).then_some(r.rlim_cur)
+}
+
 /// Whether this process holds CAP_SETUID and CAP_SETGID in its user namespace.
 fn has_setid_caps() -> bool {
     let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
@@ -177,6 +208,10 @@ impl Helper {
             .unwrap_or(4);
         // SAFETY: the launcher passed this fd to us and nobody else owns it.
         let ctl = unsafe { OwnedFd::from_raw_fd(fd) };
+        let policy = SeccompPolicy::from_env(&std::env::var(SECCOMP_ENV).unwrap_or_default())?;
+        // Compiled once: every init forked from here inherits the programs.
+        seccomp::set_programs(seccomp::compile(&policy)?);
+        seccomp::set_policy(policy);
         // SAFETY: plain fcntl; the fd must not leak into sandboxes.
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
 
@@ -198,8 +233,20 @@ impl Helper {
         sys::reset_signals();
         // SAFETY: ignoring a signal is always valid.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+        let userns_backend = std::env::var(BACKEND_ENV).as_deref() == Ok("userns");
+        // Before the mount namespace is trimmed: /sys goes.
+        let cgroups = if userns_backend {
+            Cgroups::detect(privileged)
+        } else {
+            Cgroups::for_oci(privileged)
+        };
+        let hello = protocol::Hello {
+            limitations: cgroups.limitations.clone(),
+            cgroups: cgroups.describe.clone(),
+        };
+        protocol::send(ctl.as_fd(), &hello, &[]).map_err(|e| format!("greet the launcher: {e}"))?;
         let mut dev_template = None;
-        if privileged && std::env::var(BACKEND_ENV).as_deref() == Ok("userns") {
+        if privileged && userns_backend {
             match trim_mount_namespace() {
                 Ok(()) => match userns::mounts::build_dev_template() {
                     Ok(()) => dev_template = Some(userns::mounts::DEV_TEMPLATE_AT),
@@ -211,6 +258,10 @@ impl Helper {
                     tracing::warn!("sandbox helper: could not trim its mount namespace: {e}")
                 }
             }
+        }
+        if std::env::var(BACKEND_ENV).as_deref() == Ok("oci") {
+            crate::oci::make_state_root(privileged)
+                .map_err(|e| format!("OCI state directory: {e}"))?;
         }
         // Looked up once here; every sandbox forked from us inherits it.
         let _ = userns::mounts::proc_entry_exists("sys");
@@ -245,7 +296,41 @@ impl Helper {
             spare_at: Some(Instant::now()),
             last_cap: sys::last_cap(),
             actions: Vec::new(),
+            cgroups,
+            last_limits: Limits::default(),
+            ready_group: None,
+            nproc_cap: nproc_cap(),
         })
+    }
+
+    /// A cgroup for the next sandbox (`None` without cgroups), with `limits`.
+    fn group_for(&mut self, limits: &Limits) -> Result<Option<Group>, SetupError> {
+        if !self.cgroups.available() {
+            return Ok(None);
+        }
+        let made = match self.ready_group.take() {
+            Some(mut g) => g.set(limits).map(|()| g),
+            None => self.cgroups.make(limits),
+        };
+        made.map(Some)
+            .map_err(|e| SetupError::new(format!("sandbox cgroup: {e}"), Errno::EIO))
+    }
+
+    /// What the helper does when nothing else is due: remove finished
+    /// sandboxes' cgroups, make the next one. Returns whether it did anything.
+    fn tidy_cgroups(&mut self) -> bool {
+        if self.cgroups.has_dead() {
+            self.cgroups.remove_dead();
+            return true;
+        }
+        if self.cgroups.available() && self.ready_group.is_none() {
+            match self.cgroups.make(&self.last_limits) {
+                Ok(g) => self.ready_group = Some(g),
+                Err(e) => tracing::warn!("sandbox helper: {e}"),
+            }
+            return true;
+        }
+        false
     }
 
     fn run(mut self) -> Result<(), String> {
@@ -261,7 +346,9 @@ impl Helper {
             // Refill the namespace pools only once nothing has happened for
             // a moment: a sandbox just started is still setting up, often on
             // this very CPU, and must not wait for spare namespaces.
-            let refill = self.pools().any(|p| p.below_target());
+            let refill = self.pools().any(|p| p.below_target())
+                || self.cgroups.has_dead()
+                || (self.cgroups.available() && self.ready_group.is_none());
             if refill {
                 wake_within(REFILL_AFTER_IDLE);
             }
@@ -308,6 +395,9 @@ impl Helper {
             }
             let deadline_due = next_deadline.is_some_and(|d| d <= Instant::now());
             if n == 0 && refill && !deadline_due {
+                if self.tidy_cgroups() {
+                    continue;
+                }
                 for p in [self.netns_pool.as_mut(), self.ipc_pool.as_mut()]
                     .into_iter()
                     .flatten()
@@ -402,12 +492,6 @@ impl Helper {
         self.netns_pool.iter().chain(self.ipc_pool.iter())
     }
 
-    fn give_back_netns(&mut self, ns: Option<OwnedFd>) {
-        if let (Some(ns), Some(pool)) = (ns, self.netns_pool.as_mut()) {
-            pool.give_back(ns);
-        }
-    }
-
     /// Moves the helper into the pooled namespaces the next sandbox joins.
     fn enter_pooled(
         &self,
@@ -444,7 +528,7 @@ impl Helper {
         else {
             return;
         };
-        let a = self.actions.swap_remove(i);
+        let mut a = self.actions.swap_remove(i);
         let reaped = match sys::waitid_pidfd(a.pidfd.as_fd()) {
             Ok(r) => r,
             Err(e) => {
@@ -454,7 +538,14 @@ impl Helper {
         };
         // Every process of the sandbox is gone with its init (the kernel
         // kills and waits for the PID namespace before the init is reaped).
-        self.give_back_netns(a.netns);
+        let limits_hit = a
+            .group
+            .as_ref()
+            .map(|g| g.probes.hits(&a.limits))
+            .unwrap_or_default();
+        if let Some(g) = a.group.take() {
+            self.cgroups.retire(g);
+        }
         let (status, killed) = match reaped {
             Reaped::Exited(0) if !a.timed_out => return,
             _ if a.timed_out => (ExitStatus::Signaled(libc::SIGKILL), KilledBy::Timeout),
@@ -471,6 +562,7 @@ impl Helper {
             peak_rss_bytes: 0,
             setup: Duration::ZERO,
             warnings: Vec::new(),
+            limits_hit,
         };
         let _ = protocol::send(
             a.sock.as_fd(),
@@ -505,15 +597,19 @@ impl Helper {
 
     fn start(
         &mut self,
-        req: WireRequest,
+        mut req: WireRequest,
         sock: &OwnedFd,
         stdout: OwnedFd,
         stderr: OwnedFd,
     ) -> Result<Action, SetupError> {
+        if let Some(cap) = self.nproc_cap {
+            req.limits.pids = Some(req.limits.pids.map_or(cap, |p| p.min(cap)));
+        }
         if req.backend == BackendKind::Oci {
             return crate::oci::start_in_helper(self_ctx(self), req, sock, stdout, stderr);
         }
         self.spare_at = Some(Instant::now() + SPARE_AFTER);
+        self.last_limits = req.limits;
         if req.uid == 0
             && req.gid == 0
             && !req.network
@@ -524,8 +620,18 @@ impl Helper {
         let ids = self.ids(req.uid, req.gid);
         let base = self.base.clone();
         let (dev_template, last_cap) = (self.dev_template, self.last_cap);
-        let timeout = req.timeout;
-        let (pid, pidfd, netns) = self.clone_init(req.network, move |fresh_netns| {
+        let (timeout, limits) = (req.timeout, req.limits);
+        let group = self.group_for(&limits)?;
+        let probes = group.as_ref().map(|g| g.probes.raw());
+        let (placed_r, placed_w) = match &group {
+            Some(_) => {
+                let (r, w) = sys::pipe().map_err(|e| SetupError::new("pipe", e))?;
+                (Some(r), Some(w))
+            }
+            None => (None, None),
+        };
+        let nproc_rlimit = self.cgroups.nproc_fallback;
+        let cloned = self.clone_init(req.network, move |fresh_netns| {
             let action = sock.try_clone().unwrap_or_else(|_| sys::exit_now(3));
             userns::init_main(userns::InitArgs {
                 req,
@@ -537,8 +643,33 @@ impl Helper {
                 dev_template,
                 fresh_netns,
                 last_cap,
+                cg: userns::InitCgroup {
+                    // SAFETY: our copies of the helper's probe fds (forked).
+                    probes: unsafe { Probes::adopt(probes) },
+                    placed: placed_r,
+                    nproc_rlimit,
+                },
             })
-        })?;
+        });
+        let (pid, pidfd) = match cloned {
+            Ok(x) => x,
+            Err(e) => {
+                if let Some(g) = group {
+                    self.cgroups.retire(g);
+                }
+                return Err(e);
+            }
+        };
+        if let (Some(g), Some(w)) = (&group, placed_w) {
+            match g.place(pid) {
+                Ok(()) => {
+                    let _ = sys::write_all(w.as_fd(), b"P");
+                }
+                // The init hears the pipe close without a byte and fails
+                // its set-up: no sandbox runs outside its limits.
+                Err(e) => tracing::error!(pid, "moving a sandbox into its cgroup: {e}"),
+            }
+        }
         Ok(Action {
             pidfd,
             pid,
@@ -546,10 +677,11 @@ impl Helper {
                 .try_clone()
                 .map_err(|_| SetupError::new("dup action socket", Errno::EMFILE))?,
             deadline: timeout.map(|t| Instant::now() + t),
-            netns,
             timed_out: false,
             monitor: false,
             dropped: false,
+            group,
+            limits,
         })
     }
 
@@ -564,49 +696,38 @@ impl Helper {
 
     /// `clone3`s an init into fresh namespaces (pooled network and IPC ones
     /// joined) to run `child` (which never returns), told whether its
-    /// network namespace is brand-new. Returns its pid, pidfd and the pooled network namespace
-    /// it holds.
+    /// network namespace is brand-new. Returns its pid and pidfd.
     fn clone_init(
         &mut self,
         network: bool,
         child: impl FnOnce(bool),
-    ) -> Result<(libc::pid_t, OwnedFd, Option<OwnedFd>), SetupError> {
+    ) -> Result<(libc::pid_t, OwnedFd), SetupError> {
         let mut flags = userns::NS_FLAGS;
         let netns = if network {
             None
         } else {
             take_pooled(&mut self.netns_pool, libc::CLONE_NEWNET, &mut flags)?
         };
-        let ipcns = match take_pooled(&mut self.ipc_pool, libc::CLONE_NEWIPC, &mut flags) {
-            Ok(ns) => ns,
-            Err(e) => {
-                self.give_back_netns(netns);
-                return Err(e);
-            }
-        };
+        let ipcns = take_pooled(&mut self.ipc_pool, libc::CLONE_NEWIPC, &mut flags)?;
         let fresh_netns = flags & libc::CLONE_NEWNET as u64 != 0;
-        if let Err(e) = self.enter_pooled(netns.as_ref(), ipcns.as_ref()) {
-            self.give_back_netns(netns);
-            return Err(e);
-        }
+        self.enter_pooled(netns.as_ref(), ipcns.as_ref())?;
         // SAFETY: the helper is single-threaded.
         let forked = unsafe { sys::clone3_fork(flags) };
-        // The child stays in the pooled namespaces; we go back. The IPC
-        // namespace is the sandbox's alone from here (`ipcns` is dropped).
+        // The child stays in the pooled namespaces; we go back. They are
+        // the sandbox's alone from here (`netns` and `ipcns` are dropped):
+        // never handed to another sandbox, which could otherwise find what
+        // this one left (a TIME_WAIT socket, loopback counters, SysV IPC).
         if matches!(forked, Ok(Forked::Parent { .. }) | Err(_)) {
             self.leave_pooled(netns.is_some(), ipcns.is_some());
         }
         match forked {
-            Err(e) => {
-                self.give_back_netns(netns);
-                Err(SetupError::new("clone3 into new namespaces", e))
-            }
+            Err(e) => Err(SetupError::new("clone3 into new namespaces", e)),
             Ok(Forked::Child) => {
                 child(fresh_netns);
                 // The inits never return.
                 sys::exit_now(3)
             }
-            Ok(Forked::Parent { pid, pidfd }) => Ok((pid, pidfd, netns)),
+            Ok(Forked::Parent { pid, pidfd }) => Ok((pid, pidfd)),
         }
     }
 
@@ -620,7 +741,14 @@ impl Helper {
         let ids = self.ids(0, 0);
         let base = self.base.clone();
         let (dev_template, last_cap) = (self.dev_template, self.last_cap);
-        match self.clone_init(false, move |fresh_netns| {
+        let limits = self.last_limits;
+        let group = match self.group_for(&limits) {
+            Ok(g) => g,
+            Err(e) => return self.no_more_spares(&e.to_string()),
+        };
+        let probes = group.as_ref().map(|g| g.probes.raw());
+        let nproc_rlimit = self.cgroups.nproc_fallback;
+        let cloned = self.clone_init(false, move |fresh_netns| {
             userns::spare_main(userns::SpareArgs {
                 chan: theirs,
                 ids,
@@ -628,18 +756,36 @@ impl Helper {
                 dev_template,
                 fresh_netns,
                 last_cap,
+                cg: userns::InitCgroup {
+                    // SAFETY: our copies of the helper's probe fds (forked).
+                    probes: unsafe { Probes::adopt(probes) },
+                    // It waits for its request, which comes after this.
+                    placed: None,
+                    nproc_rlimit,
+                },
             })
-        }) {
-            Ok((pid, pidfd, netns)) => {
+        });
+        match cloned {
+            Ok((pid, pidfd)) => {
+                let placed = group.as_ref().map_or(Ok(()), |g| g.place(pid));
                 self.spare = Some(Spare {
                     pid,
                     pidfd,
                     chan: mine,
-                    netns,
                     ready: false,
-                })
+                    group,
+                });
+                if let Err(e) = placed {
+                    self.drop_spare();
+                    self.no_more_spares(&format!("moving it into its cgroup: {e}"));
+                }
             }
-            Err(e) => self.no_more_spares(&e.to_string()),
+            Err(e) => {
+                if let Some(g) = group {
+                    self.cgroups.retire(g);
+                }
+                self.no_more_spares(&e.to_string())
+            }
         }
     }
 
@@ -675,7 +821,9 @@ impl Helper {
         if let Some(s) = self.spare.take() {
             let _ = sys::pidfd_send_signal(s.pidfd.as_fd(), libc::SIGKILL);
             let _ = sys::waitid_pidfd(s.pidfd.as_fd());
-            self.give_back_netns(s.netns);
+            if let Some(g) = s.group {
+                self.cgroups.retire(g);
+            }
         }
     }
 
@@ -688,7 +836,15 @@ impl Helper {
         stdout: &OwnedFd,
         stderr: &OwnedFd,
     ) -> Option<Action> {
-        let s = self.spare.take_if(|s| s.ready)?;
+        let mut s = self.spare.take_if(|s| s.ready)?;
+        if let Some(g) = s.group.as_mut()
+            && let Err(e) = g.set(&req.limits)
+        {
+            tracing::warn!("sandbox helper: {e}");
+            self.spare = Some(s);
+            self.drop_spare();
+            return None;
+        }
         let sent = protocol::send(
             s.chan.as_fd(),
             req,
@@ -703,10 +859,11 @@ impl Helper {
                     pid: s.pid,
                     sock,
                     deadline: req.timeout.map(|t| Instant::now() + t),
-                    netns: s.netns,
                     timed_out: false,
                     monitor: false,
                     dropped: false,
+                    group: s.group,
+                    limits: req.limits,
                 })
             }
             _ => {
@@ -768,9 +925,10 @@ pub(crate) fn oci_action(
             .try_clone()
             .map_err(|_| SetupError::new("dup action socket", Errno::EMFILE))?,
         deadline: timeout.map(|t| Instant::now() + t),
-        netns: None,
         timed_out: false,
         monitor: true,
         dropped: false,
+        group: None,
+        limits: Limits::default(),
     })
 }

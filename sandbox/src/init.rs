@@ -13,6 +13,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 
 use crate::error::SetupError;
+use crate::limits::{LimitHit, Limits};
 use crate::outcome::{ExitStatus, Outcome};
 use crate::sys;
 use crate::userns::caps;
@@ -32,6 +33,9 @@ pub(crate) struct Exec {
     last_cap: libc::c_ulong,
     /// Working directory to enter just before `execve` (None: inherited).
     cwd: Option<CString>,
+    limits: Limits,
+    /// `RLIMIT_NPROC` stands in for a pids cgroup.
+    nproc_rlimit: bool,
 }
 
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
@@ -76,7 +80,38 @@ impl Exec {
             stderr,
             last_cap,
             cwd: None,
+            limits: Limits::default(),
+            nproc_rlimit: false,
         }
+    }
+
+    /// The limits the command's process sets on itself (`RLIMIT_FSIZE`,
+    /// and `RLIMIT_NPROC` when no cgroup counts processes).
+    pub fn with_limits(mut self, limits: Limits, nproc_rlimit: bool) -> Exec {
+        self.limits = limits;
+        self.nproc_rlimit = nproc_rlimit;
+        self
+    }
+
+    /// Adds what the command ran into to `outcome` (`found`: the cgroup's
+    /// and the tmpfs' findings), and says so on its stderr, where the
+    /// user looks first.
+    pub fn report_limits(&self, outcome: &mut Outcome, mut found: Vec<LimitHit>) {
+        if let Some(limit_bytes) = self.limits.scratch_bytes
+            && matches!(
+                outcome.status,
+                ExitStatus::Signaled(libc::SIGXFSZ) | ExitStatus::Exited(153)
+            )
+        {
+            found.push(LimitHit::FileSize { limit_bytes });
+        }
+        for h in &found {
+            let _ = sys::write_all(
+                self.stderr.as_fd(),
+                format!("kiln-sandbox: {h}\n").as_bytes(),
+            );
+        }
+        outcome.limits_hit.extend(found);
     }
 
     pub fn with_cwd(mut self, cwd: &std::path::Path) -> Exec {
@@ -143,6 +178,7 @@ pub(crate) fn run_as_init(
         peak_rss_bytes: ru.ru_maxrss as u64 * 1024,
         setup: Duration::ZERO,
         warnings: Vec::new(),
+        limits_hit: Vec::new(),
     };
     Ok((outcome, exec_ns))
 }
@@ -225,6 +261,18 @@ fn command_child(
         libc::umask(0o022);
         libc::setpgid(0, 0);
     }
+    if let Some(b) = exec.limits.scratch_bytes
+        && let Err(e) = sys::setrlimit(libc::RLIMIT_FSIZE, b)
+    {
+        report_error(w, &SetupError::new("setrlimit(RLIMIT_FSIZE)", e));
+    }
+    // Counted per user namespace (Linux 5.14): this sandbox's processes,
+    // Kiln's init among them.
+    if let (true, Some(n)) = (exec.nproc_rlimit, exec.limits.pids)
+        && let Err(e) = sys::setrlimit(libc::RLIMIT_NPROC, n + 1)
+    {
+        report_error(w, &SetupError::new("setrlimit(RLIMIT_NPROC)", e));
+    }
     if let Err(e) = caps::drop_all(exec.last_cap) {
         report_error(w, &e);
     }
@@ -238,6 +286,11 @@ fn command_child(
                 e,
             ),
         );
+    }
+    // Last: from here on the command's own rules apply (the stamp and
+    // execve below are allowed).
+    if let Err(e) = crate::seccomp::install(crate::seccomp::programs()) {
+        report_error(w, &SetupError::new("install the seccomp filter", e));
     }
     let mut stamp = [0u8; 9];
     stamp[0] = TAG_EXEC;

@@ -13,11 +13,12 @@ use std::time::Duration;
 use nix::errno::Errno;
 
 use crate::error::{Result, SandboxError};
-use crate::helper::{BACKEND_ENV, CTL_FD_ENV, POOL_ENV};
+use crate::helper::{BACKEND_ENV, CTL_FD_ENV, POOL_ENV, SECCOMP_ENV};
 use crate::outcome::Outcome;
 use crate::protocol::{self, KilledBy, Received, Reply, WireRequest};
 use crate::request::{BackendKind, SandboxRequest, Stdio};
 use crate::root::RootDir;
+use crate::seccomp::SeccompPolicy;
 use crate::sys;
 
 /// The hidden argument the `kiln` binary answers by calling [`helper_main`](crate::helper_main).
@@ -40,6 +41,9 @@ pub struct LauncherConfig {
     /// For [`BackendKind::Oci`]: run this OCI runtime binary (`crun`, `runc`).
     /// `None`: Kiln's built-in OCI runtime, in the helper.
     pub oci_runtime: Option<PathBuf>,
+    /// The system-call filter every sandbox runs under (default: Kiln's
+    /// whole filter).
+    pub seccomp: SeccompPolicy,
 }
 
 impl LauncherConfig {
@@ -59,6 +63,7 @@ impl LauncherConfig {
             netns_pool: 4,
             backend: BackendKind::Userns,
             oci_runtime: None,
+            seccomp: SeccompPolicy::default(),
         }
     }
 }
@@ -67,6 +72,8 @@ struct HelperProc {
     child: Child,
     /// `None` only while the launcher is being dropped.
     ctl: Option<Arc<OwnedFd>>,
+    /// What it said it cannot enforce.
+    hello: protocol::Hello,
 }
 
 /// Starts sandboxes through one long-lived, single-threaded helper process.
@@ -87,6 +94,7 @@ fn start_helper(cfg: &LauncherConfig) -> Result<HelperProc> {
     cmd.args(&cfg.args)
         .env(CTL_FD_ENV, fd.to_string())
         .env(POOL_ENV, cfg.netns_pool.to_string())
+        .env(SECCOMP_ENV, cfg.seccomp.to_env())
         .env(
             BACKEND_ENV,
             match cfg.backend {
@@ -109,9 +117,23 @@ fn start_helper(cfg: &LauncherConfig) -> Result<HelperProc> {
     })?;
     drop(theirs);
     tracing::debug!(pid = child.id(), program = %cfg.program.display(), "sandbox helper started");
+    let hello = loop {
+        match protocol::recv::<protocol::Hello>(ours.as_fd(), 0) {
+            Ok(Received::Msg(h, _)) => break h,
+            Err(Errno::EINTR) => continue,
+            Ok(Received::Eof) => {
+                return Err(SandboxError::Helper(format!(
+                    "{} exited at start (its log says why)",
+                    cfg.program.display()
+                )));
+            }
+            Err(e) => return Err(SandboxError::Helper(format!("reading its greeting: {e}"))),
+        }
+    };
     Ok(HelperProc {
         child,
         ctl: Some(Arc::new(ours)),
+        hello,
     })
 }
 
@@ -154,6 +176,19 @@ impl Launcher {
 
     pub fn config(&self) -> &LauncherConfig {
         &self.cfg
+    }
+
+    /// Resource limits (and isolation) this helper cannot apply on this
+    /// host, each with the reason; empty when everything applies.
+    pub fn limitations(&self) -> Vec<String> {
+        let h = self.helper.lock().unwrap_or_else(|p| p.into_inner());
+        h.hello.limitations.clone()
+    }
+
+    /// Where the sandboxes' cgroups go (empty: none), for start-up logs.
+    pub fn cgroups(&self) -> String {
+        let h = self.helper.lock().unwrap_or_else(|p| p.into_inner());
+        h.hello.cgroups.clone()
     }
 
     /// The helper's control socket, restarting the helper if it died.
@@ -207,9 +242,18 @@ impl Launcher {
             timeout: req.timeout,
             hostname: req.hostname,
             oci_runtime: self.cfg.oci_runtime.clone(),
+            limits: req.limits,
+        };
+        // Every affected sandbox's outcome says which limits did not apply.
+        let limitations = if req.limits == crate::limits::Limits::default() {
+            Vec::new()
+        } else {
+            self.limitations()
         };
         let (mine, theirs) =
             sys::socketpair_seqpacket().map_err(|e| SandboxError::io("socketpair", e.into()))?;
+        // For the limits a killed sandbox ran into, which its init could not say.
+        let stderr_note = stderr.try_clone().ok();
         let fds = [theirs.as_fd(), stdout.as_fd(), stderr.as_fd()];
         let mut restarted = false;
         loop {
@@ -231,6 +275,8 @@ impl Launcher {
             held: None,
             shared: Arc::new(Shared::default()),
             t0,
+            limitations,
+            stderr_note,
         })
     }
 }
@@ -318,6 +364,8 @@ pub struct Running {
     held: Option<ReadyFds>,
     shared: Arc<Shared>,
     t0: u64,
+    limitations: Vec<String>,
+    stderr_note: Option<OwnedFd>,
 }
 
 impl Running {
@@ -423,6 +471,12 @@ impl Running {
                     if exec_ns > 0 {
                         outcome.setup = Duration::from_nanos(exec_ns.saturating_sub(self.t0));
                     }
+                    if let (Some(_), Some(fd)) = (killed, &self.stderr_note) {
+                        for h in &outcome.limits_hit {
+                            let line = format!("kiln-sandbox: {h}\n");
+                            let _ = sys::write_all(fd.as_fd(), line.as_bytes());
+                        }
+                    }
                     match killed {
                         Some(KilledBy::Timeout) => outcome.timed_out = true,
                         Some(KilledBy::InitDied)
@@ -432,7 +486,8 @@ impl Running {
                         }
                         _ => {}
                     }
-                    let mut warnings = held.warnings;
+                    let mut warnings = std::mem::take(&mut self.limitations);
+                    warnings.extend(held.warnings);
                     warnings.append(&mut outcome.warnings);
                     outcome.warnings = warnings;
                     return Ok(Finished {

@@ -42,7 +42,7 @@
 //!   run in-process by youki's `libcontainer` in a child of the helper, with
 //!   Kiln's init as the container's PID 1 so outcomes and semantics are the
 //!   same. Directory roots and uid/gid 0 only; what the host could not apply
-//!   (no seccomp filter, no cgroup for an unprivileged helper on cgroup v1)
+//!   (no cgroup for an unprivileged helper on cgroup v1)
 //!   is listed in [`Outcome::warnings`].
 //!
 //! # Isolation
@@ -75,17 +75,21 @@ mod error;
 mod helper;
 mod init;
 mod launcher;
+mod limits;
 mod oci;
 mod outcome;
 mod protocol;
 mod request;
 mod root;
+mod seccomp;
 mod sys;
 mod userns;
 
 pub use error::{Result, SandboxError, SetupError};
 pub use helper::helper_main;
 pub use launcher::{Backend, Finished, HELPER_ARG, KillHandle, Launcher, LauncherConfig, Running};
+pub use limits::{LimitHit, Limits, human_bytes};
 pub use outcome::{ExitStatus, Outcome};
 pub use request::{BackendKind, Root, SandboxRequest, Stdio, Subtree, normalize_relative};
 pub use root::RootDir;
+pub use seccomp::{SeccompPolicy, SyscallGroup};

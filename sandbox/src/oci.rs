@@ -53,6 +53,65 @@ pub struct SpecContext {
     /// Kiln's init is the container's PID 1 (libcontainer). `false` for an
     /// external runtime, where the command itself is PID 1.
     pub kiln_init: bool,
+    /// The runtime puts the sandbox in a real cgroup: the limits go in
+    /// `linux.resources`.
+    pub cgroup_limits: bool,
+}
+
+/// Memory, pids and CPU limits as `linux.resources`; no swap past the
+/// memory limit.
+fn resources(l: &crate::limits::Limits) -> Result<oci_spec::runtime::LinuxResources, String> {
+    let mut r = oci_spec::runtime::LinuxResources::default();
+    if let Some(m) = l.memory_bytes {
+        r.set_memory(Some(
+            oci_spec::runtime::LinuxMemoryBuilder::default()
+                .limit(m as i64)
+                .swap(m as i64)
+                .build()
+                .map_err(e)?,
+        ));
+    }
+    if let Some(p) = l.pids {
+        r.set_pids(Some(
+            oci_spec::runtime::LinuxPidsBuilder::default()
+                .limit(p as i64)
+                .build()
+                .map_err(e)?,
+        ));
+    }
+    if let Some(c) = l.cpu_millis {
+        const PERIOD: u64 = 100_000;
+        r.set_cpu(Some(
+            oci_spec::runtime::LinuxCpuBuilder::default()
+                .period(PERIOD)
+                .quota((c * PERIOD / 1000).max(1000) as i64)
+                .build()
+                .map_err(e)?,
+        ));
+    }
+    Ok(r)
+}
+
+/// Makes the sandbox's cgroup directories ahead of the runtime (which uses
+/// them as they are) and opens its counters, for Kiln's init to read.
+fn cgroup_probes(cgroups_path: &Path) -> crate::limits::Probes {
+    let rel = cgroups_path.strip_prefix("/").unwrap_or(cgroups_path);
+    let base = Path::new("/sys/fs/cgroup");
+    let open = |dir: PathBuf, file: &str| {
+        std::fs::create_dir_all(&dir).ok()?;
+        sys::open(&sys::cpath(&dir.join(file)), libc::O_RDONLY, 0).ok()
+    };
+    if base.join("cgroup.controllers").exists() {
+        crate::limits::Probes {
+            memory_events: open(base.join(rel), "memory.events"),
+            pids_events: open(base.join(rel), "pids.events"),
+        }
+    } else {
+        crate::limits::Probes {
+            memory_events: open(base.join("memory").join(rel), "memory.oom_control"),
+            pids_events: open(base.join("pids").join(rel), "pids.events"),
+        }
+    }
 }
 
 fn e(s: impl std::fmt::Display) -> String {
@@ -143,6 +202,19 @@ pub(crate) fn spec_for(req: &WireRequest, ctx: &SpecContext) -> Result<Spec, Str
                 .map_err(e)?,
         );
     }
+    let size = crate::userns::mounts::tmpfs_size(&req.limits)
+        .map(|b| format!("size={}k", b.div_ceil(1024).max(4)));
+    let sized = |opts: &[&'static str]| -> Vec<String> {
+        opts.iter()
+            .map(|s| s.to_string())
+            .chain(size.clone())
+            .collect()
+    };
+    let shm_opts = sized(&["nosuid", "noexec", "nodev", "mode=1777"]);
+    let tmp_opts = sized(&["nosuid", "nodev", "mode=1777"]);
+    fn as_strs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
     mounts.extend([
         mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"])?,
         mount(
@@ -151,13 +223,8 @@ pub(crate) fn spec_for(req: &WireRequest, ctx: &SpecContext) -> Result<Spec, Str
             "tmpfs",
             &["nosuid", "noexec", "strictatime", "mode=755", "size=64k"],
         )?,
-        mount(
-            "/dev/shm",
-            "tmpfs",
-            "shm",
-            &["nosuid", "noexec", "nodev", "mode=1777"],
-        )?,
-        mount("/tmp", "tmpfs", "tmpfs", &["nosuid", "nodev", "mode=1777"])?,
+        mount("/dev/shm", "tmpfs", "shm", &as_strs(&shm_opts))?,
+        mount("/tmp", "tmpfs", "tmpfs", &as_strs(&tmp_opts))?,
     ]);
     let mut ns: Vec<LinuxNamespaceType> = vec![
         LinuxNamespaceType::Pid,
@@ -188,7 +255,17 @@ pub(crate) fn spec_for(req: &WireRequest, ctx: &SpecContext) -> Result<Spec, Str
             req.uid, req.gid
         ));
     }
-    let linux = LinuxBuilder::default()
+    // Kiln's init installs the filter itself; an external runtime gets it
+    // in the spec.
+    let seccomp = if ctx.kiln_init {
+        None
+    } else {
+        crate::seccomp::oci_spec(&crate::seccomp::policy())
+            .map(serde_json::from_value::<oci_spec::runtime::LinuxSeccomp>)
+            .transpose()
+            .map_err(e)?
+    };
+    let mut linux = LinuxBuilder::default()
         .namespaces(
             ns.into_iter()
                 .map(|t| LinuxNamespaceBuilder::default().typ(t).build().map_err(e))
@@ -218,6 +295,10 @@ pub(crate) fn spec_for(req: &WireRequest, ctx: &SpecContext) -> Result<Spec, Str
         })
         .build()
         .map_err(e)?;
+    linux.set_seccomp(seccomp);
+    if ctx.cgroup_limits {
+        linux.set_resources(Some(resources(&req.limits)?));
+    }
     let mut annotations = HashMap::new();
     if !ctx.warnings.is_empty() {
         annotations.insert(WARNINGS_ANNOTATION.to_string(), ctx.warnings.join("\n"));
@@ -325,42 +406,121 @@ fn ensure_cwd(root: &Path, cwd: &Path) -> Result<(), SetupError> {
     Ok(())
 }
 
-fn host_warnings(privileged: bool, external: bool) -> Vec<String> {
-    if external {
-        return vec![
-            "external OCI runtime: the command is the container's PID 1 \
-             (signals it does not handle are ignored; no Kiln init reaps orphans)"
-                .to_string(),
-            "external OCI runtime: nested user namespaces are not disabled \
-             (runc refuses the user.max_user_namespaces sysctl)"
-                .to_string(),
-            "external OCI runtime: the runtime may add HOME (runc: and PATH) to the environment"
-                .to_string(),
-        ];
+fn host_warnings(external: bool) -> Vec<String> {
+    if !external {
+        return Vec::new();
     }
-    let mut w =
-        vec!["no seccomp filter: Kiln's OCI backend is built without libseccomp".to_string()];
-    let v1 =
-        Path::new("/sys/fs/cgroup/memory").is_dir() || Path::new("/sys/fs/cgroup/pids").is_dir();
-    if v1 && !privileged {
-        w.push(
-            "cgroup v1 and an unprivileged helper: no cgroup of its own for this sandbox, \
-             so no memory, CPU or pid limit could be applied"
-                .to_string(),
-        );
-    }
-    w
+    vec![
+        "external OCI runtime: the command is the container's PID 1 \
+         (signals it does not handle are ignored; no Kiln init reaps orphans)"
+            .to_string(),
+        "external OCI runtime: nested user namespaces are not disabled \
+         (runc refuses the user.max_user_namespaces sysctl)"
+            .to_string(),
+        "external OCI runtime: the runtime may add HOME (runc: and PATH) to the environment"
+            .to_string(),
+    ]
 }
 
-fn state_root(privileged: bool) -> PathBuf {
-    if privileged {
-        return PathBuf::from("/run/kiln-oci");
-    }
+/// The helper's OCI state directory (bundles, libcontainer's and the
+/// external runtimes' state), made once by [`make_state_root`].
+static STATE_ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+fn state_root() -> Result<&'static Path, SetupError> {
+    STATE_ROOT
+        .get()
+        .map(PathBuf::as_path)
+        .ok_or_else(|| SetupError {
+            step: "the helper has no OCI state directory".into(),
+            errno: Errno::ENOENT as i32,
+        })
+}
+
+/// Makes the OCI backend's state directory, private to this helper's user:
+/// `/run/kiln-oci` as root, else a fresh `kiln-oci-<uid>-<random>` under
+/// `$XDG_RUNTIME_DIR` (when it is ours and private) or the temporary
+/// directory. A directory someone else made first (a predictable name in
+/// `/tmp`) would let them swap a bundle's spec: every directory is created
+/// with `mkdir` (which fails if the name exists) or checked on an open
+/// handle to be ours, mode 0700, not a symlink.
+pub(crate) fn make_state_root(privileged: bool) -> Result<(), String> {
     // SAFETY: plain getter.
     let uid = unsafe { libc::geteuid() };
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) => PathBuf::from(d).join("kiln-oci"),
-        None => std::env::temp_dir().join(format!("kiln-oci-{uid}")),
+    let dir = if privileged {
+        let d = PathBuf::from("/run/kiln-oci");
+        match std::fs::create_dir(&d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("create {}: {e}", d.display())),
+        }
+        d
+    } else {
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|d| check_private(d, uid).is_ok())
+            .unwrap_or_else(std::env::temp_dir);
+        let mut made = None;
+        for _ in 0..16 {
+            let d = base.join(format!("kiln-oci-{uid}-{:08x}", random_u32()));
+            match std::fs::create_dir(&d) {
+                Ok(()) => {
+                    made = Some(d);
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(format!("create {}: {e}", d.display())),
+            }
+        }
+        made.ok_or_else(|| format!("no fresh OCI state directory in {}", base.display()))?
+    };
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("chmod 0700 {}: {e}", dir.display()))?;
+    check_private(&dir, uid)?;
+    let _ = STATE_ROOT.set(dir);
+    Ok(())
+}
+
+/// Removes an unprivileged helper's own state directory when it exits.
+pub(crate) fn remove_state_root(privileged: bool) {
+    if let (false, Some(d)) = (privileged, STATE_ROOT.get()) {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// `dir` is a real directory (not a symlink), owned by `uid`, closed to
+/// group and others: checked on an open handle, not by path.
+fn check_private(dir: &Path, uid: u32) -> Result<(), String> {
+    let fd = sys::open(
+        &sys::cpath(dir),
+        libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        0,
+    )
+    .map_err(|e| format!("open {}: {e}", dir.display()))?;
+    let m = std::fs::File::from(fd)
+        .metadata()
+        .map_err(|e| format!("stat {}: {e}", dir.display()))?;
+    use std::os::unix::fs::MetadataExt;
+    if m.uid() != uid || m.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{} is owned by uid {} with mode {:o}: not private to uid {uid}",
+            dir.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: valid buffer.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n == 4 {
+        u32::from_ne_bytes(b)
+    } else {
+        // SAFETY: plain getter.
+        (sys::monotonic_ns() as u32) ^ unsafe { libc::getpid() } as u32
     }
 }
 
@@ -484,7 +644,7 @@ fn monitor(
         fail(e);
     }
     let subtree_sources = resolve_subtrees(root, &req).unwrap_or_else(|e| fail(e));
-    let states = state_root(ctx.privileged);
+    let states = state_root().unwrap_or_else(|e| fail(e)).to_path_buf();
     // SAFETY: plain getters.
     let id = format!("kiln-{}-{}", unsafe { libc::getppid() }, unsafe {
         libc::getpid()
@@ -503,9 +663,15 @@ fn monitor(
         outside_uid,
         outside_gid,
         subtree_sources,
-        warnings: host_warnings(ctx.privileged, external.is_some()),
+        warnings: host_warnings(external.is_some()),
         cgroups_path,
         kiln_init: external.is_none(),
+        cgroup_limits: ctx.privileged,
+    };
+    let probes = if ctx.privileged {
+        cgroup_probes(&sctx.cgroups_path)
+    } else {
+        crate::limits::Probes::default()
     };
     let spec = spec_for(&req, &sctx).unwrap_or_else(|m| fail(SetupError { step: m, errno: 0 }));
     let bundle = states.join("bundles").join(&id);
@@ -542,6 +708,7 @@ fn monitor(
             stdout,
             stderr,
             &sctx.warnings,
+            &probes,
         );
     }
     let devnull = sys::open(c"/dev/null", libc::O_RDONLY, 0)
@@ -549,6 +716,9 @@ fn monitor(
     let executor = KilnInit {
         sock: sock.as_raw_fd(),
         last_cap: ctx.last_cap,
+        limits: req.limits,
+        probes: probes.raw(),
+        nproc_rlimit: !ctx.privileged,
     };
     let built = ContainerBuilder::new(id.clone(), SyscallType::Linux)
         .with_root_path(&states)
@@ -593,6 +763,8 @@ fn monitor(
         .unwrap_or_else(|e| fail(SetupError::new("pidfd_open(container init)", e)));
     let timed_out = wait_with_deadline(pidfd.as_fd(), sock, req.timeout.map(|t| started + t));
     let reaped = sys::waitid_pidfd(pidfd.as_fd());
+    // Before the runtime removes the cgroup (its files then read ENODEV).
+    let limits_hit = probes.hits(&req.limits);
     let _ = container.delete(true);
     cleanup_bundle();
     let killed = match (timed_out, reaped) {
@@ -615,6 +787,7 @@ fn monitor(
             peak_rss_bytes: 0,
             setup: Duration::ZERO,
             warnings: Vec::new(),
+            limits_hit,
         };
         let _ = protocol::send(
             sock,
@@ -645,6 +818,7 @@ fn run_external(
     stdout: OwnedFd,
     stderr: OwnedFd,
     warnings: &[String],
+    probes: &crate::limits::Probes,
 ) -> ! {
     let fail = |e: SetupError| -> ! {
         let _ = std::fs::remove_dir_all(bundle);
@@ -771,6 +945,8 @@ fn run_external(
     }
     let timed_out = wait_with_deadline(pidfd.as_fd(), sock, req.timeout.map(|t| started + t));
     let reaped = sys::wait4(pid);
+    // Before the runtime removes the cgroup (its files then read ENODEV).
+    let limits_hit = probes.hits(&req.limits);
     let wall = started.elapsed();
     delete();
     let (status, ru) = match reaped {
@@ -800,6 +976,7 @@ fn run_external(
         peak_rss_bytes: ru.ru_maxrss as u64 * 1024,
         setup: Duration::ZERO,
         warnings: Vec::new(),
+        limits_hit,
     };
     let _ = protocol::send(
         sock,
@@ -894,6 +1071,10 @@ fn wait_with_deadline(
 struct KilnInit {
     sock: RawFd,
     last_cap: libc::c_ulong,
+    limits: crate::limits::Limits,
+    /// The cgroup's counters, inherited from the monitor.
+    probes: (Option<RawFd>, Option<RawFd>),
+    nproc_rlimit: bool,
 }
 
 impl Executor for KilnInit {
@@ -972,16 +1153,31 @@ impl Executor for KilnInit {
             .collect();
         // libcontainer set no_new_privs and left us only NET_ADMIN and
         // SETPCAP; the command gives those up too before its execve.
-        let exec = Exec::new(&argv, &env, out, err, self.last_cap);
+        let exec = Exec::new(&argv, &env, out, err, self.last_cap)
+            .with_limits(self.limits, self.nproc_rlimit);
+        // SAFETY: our copies of the monitor's probe fds (forked).
+        let probes = unsafe { crate::limits::Probes::adopt(Some(self.probes)) };
+        let tmpfs: Vec<(&str, Option<OwnedFd>)> = ["/tmp", "/dev/shm"]
+            .into_iter()
+            .map(|p| {
+                let fd = sys::open(&sys::cpath(p.as_ref()), libc::O_PATH | libc::O_DIRECTORY, 0);
+                (p, fd.ok())
+            })
+            .collect();
         match init::run_as_init(&exec, None) {
-            Ok((outcome, exec_ns)) => report(
-                &Reply::Finished {
-                    outcome,
-                    exec_ns,
-                    killed: None,
-                },
-                &[],
-            ),
+            Ok((mut outcome, exec_ns)) => {
+                let mut found = probes.hits(&self.limits);
+                found.extend(crate::userns::full_tmpfs(&tmpfs));
+                exec.report_limits(&mut outcome, found);
+                report(
+                    &Reply::Finished {
+                        outcome,
+                        exec_ns,
+                        killed: None,
+                    },
+                    &[],
+                )
+            }
             Err(e) => report(&Reply::Error(e), &[]),
         }
         sys::exit_now(0)
@@ -1020,6 +1216,7 @@ mod tests {
             timeout: None,
             hostname: "kiln".into(),
             oci_runtime: None,
+            limits: crate::limits::Limits::default(),
         }
     }
 
@@ -1032,6 +1229,7 @@ mod tests {
             warnings: vec!["w".into()],
             cgroups_path: "/kiln/x".into(),
             kiln_init: true,
+            cgroup_limits: true,
         };
         let spec = spec_for(&req(), &ctx).unwrap();
         let json = serde_json::to_value(&spec).unwrap();

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::limits::LimitHit;
+
 /// How the command ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExitStatus {
@@ -62,4 +64,7 @@ pub struct Outcome {
     pub setup: Duration,
     /// Limits or isolation the backend could not apply on this host.
     pub warnings: Vec<String>,
+    /// Resource limits the sandbox ran into (the likely reason it failed).
+    #[serde(default)]
+    pub limits_hit: Vec<LimitHit>,
 }

@@ -20,6 +20,7 @@ use nix::errno::Errno;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::error::SetupError;
+use crate::limits::Limits;
 use crate::outcome::Outcome;
 use crate::request::{BackendKind, Root, Subtree};
 use crate::sys;
@@ -43,6 +44,16 @@ pub(crate) struct WireRequest {
     pub hostname: String,
     /// OCI runtime binary when the OCI backend runs an external runtime.
     pub oci_runtime: Option<PathBuf>,
+    pub limits: Limits,
+}
+
+/// The helper's first message on its control socket: what it can enforce.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct Hello {
+    /// Limits or isolation no sandbox of this helper gets, and why.
+    pub limitations: Vec<String>,
+    /// Where sandboxes' cgroups go (empty: none).
+    pub cgroups: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

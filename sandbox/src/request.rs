@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, SandboxError};
+use crate::limits::Limits;
 
 /// The directory tree that becomes `/` inside the sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +76,8 @@ pub struct SandboxRequest {
     pub stdout: Stdio,
     pub stderr: Stdio,
     pub hostname: String,
+    /// Memory, processes, CPU and scratch space (default: none).
+    pub limits: Limits,
 }
 
 impl SandboxRequest {
@@ -94,6 +97,7 @@ impl SandboxRequest {
             stdout: Stdio::Null,
             stderr: Stdio::Null,
             hostname: DEFAULT_HOSTNAME.to_string(),
+            limits: Limits::default(),
         }
     }
 
@@ -115,6 +119,19 @@ impl SandboxRequest {
             if k.is_empty() || k.contains('=') {
                 return Err(SandboxError::invalid(format!(
                     "environment variable name {k:?} is empty or contains '='"
+                )));
+            }
+        }
+        let l = &self.limits;
+        for (what, v) in [
+            ("memory limit", l.memory_bytes),
+            ("process limit", l.pids),
+            ("CPU limit", l.cpu_millis),
+            ("scratch limit", l.scratch_bytes),
+        ] {
+            if v == Some(0) {
+                return Err(SandboxError::invalid(format!(
+                    "{what} of zero: give a positive limit or none"
                 )));
             }
         }

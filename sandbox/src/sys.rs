@@ -345,6 +345,38 @@ pub fn unlinkat(dir: BorrowedFd<'_>, name: &CStr) -> SysResult<()> {
     check_int(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) }).map(drop)
 }
 
+pub fn rmdirat(dir: BorrowedFd<'_>, name: &CStr) -> SysResult<()> {
+    // SAFETY: valid fd and NUL-terminated name.
+    check_int(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) })
+        .map(drop)
+}
+
+/// Lowers a resource limit (soft and hard) to `value`, never raising it.
+/// Fork-safe.
+pub fn setrlimit(resource: libc::__rlimit_resource_t, value: u64) -> SysResult<()> {
+    // SAFETY: zeroed rlimit is valid.
+    let mut r: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer.
+    check_int(unsafe { libc::getrlimit(resource, &mut r) })?;
+    let value = value.min(r.rlim_max);
+    let r = libc::rlimit {
+        rlim_cur: value,
+        rlim_max: value,
+    };
+    // SAFETY: valid rlimit.
+    check_int(unsafe { libc::setrlimit(resource, &r) }).map(drop)
+}
+
+/// Free and total bytes of the filesystem of `fd`.
+pub fn fstatfs_free(fd: BorrowedFd<'_>) -> SysResult<(u64, u64)> {
+    // SAFETY: zeroed statfs is valid.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer.
+    check_int(unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) })?;
+    let b = st.f_bsize as u64;
+    Ok((st.f_bavail as u64 * b, st.f_blocks as u64 * b))
+}
+
 pub fn symlinkat(target: &CStr, dir: BorrowedFd<'_>, name: &CStr) -> SysResult<()> {
     // SAFETY: valid strings.
     check_int(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) }).map(drop)

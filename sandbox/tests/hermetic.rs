@@ -471,7 +471,161 @@ fn nothing_carries_over_between_sandboxes(mode: Mode, backend: BackendKind) {
     assert!(second.stdout.contains("sysv-find: ENOENT"), "{second:?}");
 }
 
+/// Finding 4: keys are not namespaced by serial. A key in the keyring of
+/// the user the helper runs as must stay out of reach: the sandbox may not
+/// link that user's keyring (whose serial an action can find by scanning)
+/// into its own session keyring, nor see `/proc/keys` or `/proc/key-users`.
+fn keyring_of_the_kiln_user(mode: Mode, backend: BackendKind) {
+    let fx = need_fixture!();
+    let p = need_probe!();
+    let l = launcher(mode, backend);
+    let s = Scratch::new(&fx, mode);
+    install_probe(&p, &s.root(), "probe", false);
+    let desc = format!("kiln-test-{}-{mode:?}-{backend:?}", std::process::id());
+    let mut plant = std::process::Command::new("setpriv");
+    if mode == Mode::Unprivileged {
+        plant.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+    }
+    let planted = plant
+        .arg(&p)
+        .args(["key-plant", &desc, "host-key-secret"])
+        .output()
+        .unwrap();
+    let planted = String::from_utf8_lossy(&planted.stdout).into_owned();
+    let serial = planted
+        .trim()
+        .strip_prefix("key-plant: ")
+        .unwrap_or_else(|| panic!("planting a key on the host: {planted}"));
+    let r = run_sh(
+        &l,
+        &s,
+        &format!(
+            "/probe key-steal {serial} {desc}; /probe keyctl; \
+             cat /proc/key-users /proc/keys 2>&1 | wc -c"
+        ),
+    );
+    assert!(!r.stdout.contains("host-key-secret"), "{r:?}");
+    assert!(r.stdout.contains("key-steal: EPERM"), "{r:?}");
+    assert!(r.stdout.contains("keyctl: EPERM"), "{r:?}");
+    assert_eq!(r.stdout.lines().last(), Some("0"), "{r:?}");
+}
+
+/// What Kiln's seccomp filter denies (like Docker's default profile):
+/// calls builds never need and kernel exploits love. Ordinary processes and
+/// threads still work (clone3 fails with ENOSYS, so libc falls back).
+fn kernel_attack_surface_is_filtered(mode: Mode, backend: BackendKind) {
+    let fx = need_fixture!();
+    let p = need_probe!();
+    let l = launcher(mode, backend);
+    let s = Scratch::new(&fx, mode);
+    install_probe(&p, &s.root(), "probe", false);
+    let r = run_sh(
+        &l,
+        &s,
+        "for v in perf userfaultfd io_uring clone3 bpf keyctl; do /probe $v; done; \
+         (echo sub-shell) | cat",
+    );
+    for want in [
+        "perf: EPERM",
+        "userfaultfd: EPERM",
+        "io_uring: ENOSYS",
+        "clone3: ENOSYS",
+        "bpf: EPERM",
+        "keyctl: EPERM",
+        "sub-shell",
+    ] {
+        assert!(r.stdout.contains(want), "{want}: {r:?}");
+    }
+}
+
+/// Finding 3: `nosuid` protects only the sandbox's own mount. A set-id
+/// bit set inside must never land on the host: not on the root's files
+/// (which `kiln sandbox run --root` changes in place), not on stdout when
+/// it is a host file.
+fn setid_bits_never_land_on_the_host(mode: Mode, backend: BackendKind) {
+    use std::os::unix::fs::PermissionsExt;
+    let fx = need_fixture!();
+    let p = need_probe!();
+    let l = launcher(mode, backend);
+    let s = Scratch::new(&fx, mode);
+    install_probe(&p, &s.root(), "probe", false);
+    let r = run_sh(
+        &l,
+        &s,
+        "/probe setid /made; cp /bin/busybox /bb; chmod 4755 /bb; chmod g+s /bb; \
+         chmod 4755 /proc/self/fd/1; chmod 6755 /dev/stdout; echo done",
+    );
+    assert!(r.stdout.contains("done"), "{r:?}");
+    let mut checked = 0;
+    for e in std::fs::read_dir(s.root()).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("made.") || name == "bb" {
+            let mode = e.metadata().unwrap().permissions().mode();
+            assert_eq!(mode & 0o6000, 0, "/{name} is {mode:o} on the host: {r:?}");
+            checked += 1;
+        }
+    }
+    // made.{chmod,fchmod,fchmodat} and /bb; open and mknod fail before creating.
+    assert!(checked >= 4, "{checked} files: {r:?}");
+    let out_mode = std::fs::metadata(s.path("stdout"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(out_mode & 0o6000, 0, "stdout is {out_mode:o} on the host");
+    for v in ["chmod", "fchmod", "fchmodat", "open", "mknod"] {
+        assert!(
+            r.stdout.contains(&format!("setid-{v}: EPERM")),
+            "{v}: {r:?}"
+        );
+    }
+}
+
+/// Finding 7: network namespaces a privileged helper keeps ready must not
+/// carry one action's state to the next: a TIME_WAIT socket in
+/// `/proc/net/tcp`, loopback counters in `/proc/net/dev`.
+fn network_state_does_not_carry_over(mode: Mode, backend: BackendKind) {
+    let fx = need_fixture!();
+    let l = launcher(mode, backend);
+    let s = Scratch::new(&fx, mode);
+    // The server side closes first, so its socket stays in TIME_WAIT.
+    let first = run_sh(
+        &l,
+        &s,
+        "nc -l -p 7777 -e echo hi & sleep 0.2; nc 127.0.0.1 7777 </dev/null; sleep 0.1; \
+         grep -c ':1E61' /proc/net/tcp",
+    );
+    assert!(first.stdout.starts_with("hi\n"), "{first:?}");
+    // The helper's next spare was made before the first one's namespace
+    // came back: look a few sandboxes on.
+    for i in 0..5 {
+        let_the_spare_get_ready();
+        let r = run_sh(
+            &l,
+            &s,
+            "echo tcp $(($(wc -l < /proc/net/tcp) - 1)); grep ' lo:' /proc/net/dev",
+        );
+        assert!(r.stdout.starts_with("tcp 0\n"), "run {i}: {r:?}");
+        let lo: Vec<&str> = r
+            .stdout
+            .lines()
+            .nth(1)
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        // lo: rx_bytes rx_packets … tx_bytes tx_packets …
+        assert_eq!(
+            (lo.get(1), lo.get(2)),
+            (Some(&"0"), Some(&"0")),
+            "run {i}: {r:?}"
+        );
+    }
+}
+
 matrix!(
+    network_state_does_not_carry_over,
+    keyring_of_the_kiln_user,
+    kernel_attack_surface_is_filtered,
+    setid_bits_never_land_on_the_host,
     nothing_carries_over_between_sandboxes,
     proc_and_sys_are_read_only_with_buildstreams_marks,
     read_host_file,
@@ -486,3 +640,63 @@ matrix!(
     staged_symlinks_cannot_redirect_mounts,
     devices_are_minimal,
 );
+
+/// Finding 6: the unprivileged OCI backend kept its bundles in
+/// `/tmp/kiln-oci-<uid>` without checking who made it. Another local user
+/// who creates it first must get nothing of the helper's: its state lives
+/// in a fresh directory only the helper's user can enter.
+#[test]
+fn oci_state_directory_cannot_be_planted() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let fx = need_fixture!();
+    let planted = std::path::PathBuf::from(format!("/tmp/kiln-oci-{NOBODY}"));
+    let _ = std::fs::remove_dir_all(&planted);
+    std::fs::create_dir(&planted).unwrap();
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut cfg = LauncherConfig::new(
+        "env",
+        [
+            "-u",
+            "XDG_RUNTIME_DIR",
+            "TMPDIR=/tmp",
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            HELPER,
+            HELPER_ARG,
+        ],
+    );
+    cfg.backend = BackendKind::Oci;
+    let l = Launcher::new(cfg).unwrap();
+    let s = Scratch::new(&fx, Mode::Unprivileged);
+    let (out, err) = (s.path("out"), s.path("err"));
+    let running = l
+        .spawn(sh_request(Root::Dir(s.root()), "sleep 0.5", &out, &err))
+        .unwrap();
+    let ours: Vec<_> = std::fs::read_dir("/tmp")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("kiln-oci-{NOBODY}-"))
+        })
+        .map(|e| e.path())
+        .collect();
+    let f = running.wait().unwrap();
+    assert!(f.outcome.status.success(), "{:?}", f.outcome);
+    let in_planted: Vec<_> = std::fs::read_dir(&planted).unwrap().flatten().collect();
+    std::fs::remove_dir_all(&planted).unwrap();
+    assert!(
+        in_planted.is_empty(),
+        "the helper used a directory someone else made: {in_planted:?}"
+    );
+    assert!(!ours.is_empty(), "no private state directory in /tmp");
+    let private = ours.iter().any(|d| {
+        std::fs::symlink_metadata(d)
+            .is_ok_and(|m| m.is_dir() && m.uid() == NOBODY && m.mode() & 0o077 == 0)
+    });
+    assert!(private, "{ours:?}");
+}

@@ -83,6 +83,44 @@ fn suite(rt: &str) {
     assert!(r.stdout.contains("NoNewPrivs:\t1"), "{}", r.stdout);
     assert_eq!(srv.count(), 0);
 
+    // Kiln's seccomp filter, through the spec: keyring, perf, set-id bits.
+    let r = run_sh(
+        &l,
+        &s,
+        "/probe keyctl; /probe perf; /probe setid /made; touch /f; chmod 4755 /f",
+    );
+    for want in [
+        "keyctl: EPERM",
+        "perf: EPERM",
+        "setid-chmod: EPERM",
+        "setid-open: EPERM",
+    ] {
+        assert!(r.stdout.contains(want), "{want}: {r:?}");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(s.root().join("f"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o6000, 0, "{mode:o}");
+
+    // Limits go in linux.resources; the cgroup's counters say what was hit.
+    let r = run_sh_with(&l, &s, "/probe balloon 512", |q| {
+        q.limits = Limits {
+            memory_bytes: Some(64 << 20),
+            pids: Some(64),
+            ..Limits::default()
+        }
+    });
+    assert!(!r.stdout.contains("balloon: 512"), "{r:?}");
+    assert!(
+        r.outcome
+            .limits_hit
+            .iter()
+            .any(|h| matches!(h, LimitHit::Memory { .. })),
+        "{r:?}"
+    );
+
     // The timeout kills everything, partial output stays readable.
     let marker = format!("kiln-{rt}-daemon-{}", std::process::id());
     let mut q = sh_request(

@@ -529,3 +529,32 @@ fn helper_restarts_after_dying() {
     assert!(run_sh(&l, &s, "true").outcome.status.success());
     assert_ne!(l.helper_pid(), pid);
 }
+
+/// A worker may allow a group of system calls back (here the keyring and
+/// ptrace), or turn the filter off; the rest of the filter stays.
+#[test]
+fn seccomp_groups_can_be_allowed_back() {
+    let fx = need_fixture!();
+    let p = need_probe!();
+    let s = Scratch::new(&fx, Mode::Root);
+    install_probe(&p, &s.root(), "probe", false);
+    let mut cfg = LauncherConfig::new(HELPER, [HELPER_ARG]);
+    cfg.seccomp = SeccompPolicy {
+        enabled: true,
+        allow: vec![SyscallGroup::Keyring, SyscallGroup::Ptrace],
+    };
+    let l = Launcher::new(cfg).unwrap();
+    let r = run_sh(
+        &l,
+        &s,
+        "/probe keyctl; /probe perf; sleep 5 & /probe ptrace $!",
+    );
+    assert!(r.stdout.contains("keyctl: ok"), "{r:?}");
+    assert!(r.stdout.contains("perf: EPERM"), "{r:?}");
+    assert!(r.stdout.contains("ptrace: ok"), "{r:?}");
+    let mut cfg = LauncherConfig::new(HELPER, [HELPER_ARG]);
+    cfg.seccomp = SeccompPolicy::off();
+    let l = Launcher::new(cfg).unwrap();
+    let r = run_sh(&l, &s, "/probe perf");
+    assert!(r.stdout.contains("perf: ok"), "{r:?}");
+}

@@ -57,6 +57,28 @@ pub async fn walk(cas: &Cas, root: Digest) -> Result<TreeWalk> {
     Ok(out)
 }
 
+impl TreeWalk {
+    /// Why the walked tree is nested too deep for Kiln (naming the chain),
+    /// or None. Every distinct directory is looked at once.
+    pub fn too_deep(&self, root: &Digest) -> Option<String> {
+        let dirs: HashMap<&Digest, &Directory> =
+            self.directories.iter().map(|(d, dir)| (d, dir)).collect();
+        kiln_proto::tree::too_deep(root, |d| {
+            dirs.get(d)
+                .map(|dir| {
+                    dir.directories
+                        .iter()
+                        .filter_map(|n| {
+                            let child = Digest::from_proto(n.digest.as_ref()?).ok()?;
+                            Some((n.name.clone(), child))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+    }
+}
+
 /// Decodes a Directory blob.
 pub fn decode_directory(digest: &Digest, bytes: bytes::Bytes) -> Result<Directory> {
     prost::Message::decode(bytes).map_err(|source| Error::Decode {

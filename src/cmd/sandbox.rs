@@ -62,6 +62,16 @@ pub struct RunArgs {
     /// OCI backend: run this runtime binary (crun, runc) instead of Kiln's own.
     #[arg(long, value_name = "PATH")]
     oci_runtime: Option<PathBuf>,
+    /// Allow a group of system calls back despite the seccomp filter
+    /// (repeatable): keyring, bpf, perf, userfaultfd, kernel, ptrace,
+    /// namespaces, mount, io_uring, setid.
+    #[arg(long = "seccomp-allow", value_name = "GROUP")]
+    seccomp_allow: Vec<kiln_sandbox::SyscallGroup>,
+    /// Run the command without any seccomp filter.
+    #[arg(long)]
+    no_seccomp: bool,
+    #[command(flatten)]
+    limits: super::worker::LimitFlags,
     /// Print the outcome (status, times, peak memory) to stderr.
     #[arg(long, short)]
     verbose: bool,
@@ -117,6 +127,13 @@ pub fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
             read_only: ro,
         })
         .collect();
+    // The worker's defaults, as for one slot.
+    let mut defaults = kiln_executor::WorkerConfig {
+        slots: 1,
+        ..Default::default()
+    };
+    a.limits.apply(&mut defaults);
+    req.limits = defaults.limits();
     req.stdout = Stdio::Fd(std::io::stdout().as_fd().try_clone_to_owned()?);
     req.stderr = Stdio::Fd(std::io::stderr().as_fd().try_clone_to_owned()?);
 
@@ -126,6 +143,10 @@ pub fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
         BackendArg::Oci => BackendKind::Oci,
     };
     cfg.oci_runtime = a.oci_runtime.clone();
+    cfg.seccomp = kiln_sandbox::SeccompPolicy {
+        enabled: !a.no_seccomp,
+        allow: a.seccomp_allow.clone(),
+    };
     // One sandbox: a pool of ready network namespaces would only cost time.
     cfg.netns_pool = 0;
     let launcher = Launcher::new(cfg)?;

@@ -51,6 +51,62 @@ pub struct WorkerFlags {
     /// OCI runtime binary for the oci backend (crun, runc) [default: built-in].
     #[arg(long)]
     pub oci_runtime: Option<PathBuf>,
+    /// Allow a group of system calls back despite the seccomp filter
+    /// (repeatable): keyring, bpf, perf, userfaultfd, kernel, ptrace,
+    /// namespaces, mount, io_uring, setid.
+    #[arg(long = "seccomp-allow", value_name = "GROUP")]
+    pub seccomp_allow: Vec<kiln_sandbox::SyscallGroup>,
+    /// Run actions without any seccomp filter.
+    #[arg(long)]
+    pub no_seccomp: bool,
+    #[command(flatten)]
+    pub limits: LimitFlags,
+    /// Most new data one action may leave: outputs, stdout and stderr
+    /// together, e.g. 4G [default: 4G].
+    #[arg(long, value_name = "SIZE", value_parser = super::parse_size)]
+    pub output_limit: Option<u64>,
+}
+
+/// Per-action resource limits, for `kiln serve`, `kiln worker` and
+/// `kiln sandbox run` (0 lifts one).
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct LimitFlags {
+    /// Memory of one action, e.g. 4G [default: 3/4 of the host's memory / slots].
+    #[arg(long, value_name = "SIZE", value_parser = super::parse_size)]
+    pub memory_limit: Option<u64>,
+    /// Processes and threads of one action at once [default: 4096].
+    #[arg(long, value_name = "N")]
+    pub pids_limit: Option<u64>,
+    /// CPUs one action may use, e.g. 1.5 [default: no quota; equal shares].
+    #[arg(long, value_name = "CPUS", value_parser = parse_cpus)]
+    pub cpu_limit: Option<f64>,
+    /// Size of /tmp and /dev/shm each, and the largest file [default: 16G].
+    #[arg(long, value_name = "SIZE", value_parser = super::parse_size)]
+    pub scratch_limit: Option<u64>,
+}
+
+fn parse_cpus(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(c) if c.is_finite() && c >= 0.0 => Ok(c),
+        _ => Err(format!("{s:?} is not a number of CPUs (e.g. 1.5)")),
+    }
+}
+
+impl LimitFlags {
+    pub fn apply(&self, config: &mut WorkerConfig) {
+        if let Some(m) = self.memory_limit {
+            config.memory_limit_bytes = Some(m);
+        }
+        if let Some(n) = self.pids_limit {
+            config.pids_limit = n;
+        }
+        if let Some(c) = self.cpu_limit {
+            config.cpu_limit = c;
+        }
+        if let Some(b) = self.scratch_limit {
+            config.scratch_limit_bytes = b;
+        }
+    }
 }
 
 fn parse_backend(s: &str) -> Result<SandboxBackend, String> {
@@ -97,6 +153,16 @@ impl WorkerFlags {
         if let Some(r) = &self.oci_runtime {
             config.oci_runtime = Some(r.clone());
         }
+        if let Some(n) = self.output_limit {
+            config.output_limit_bytes = n;
+        }
+        config
+            .seccomp_allow
+            .extend(self.seccomp_allow.iter().copied());
+        if self.no_seccomp {
+            config.seccomp = false;
+        }
+        self.limits.apply(config);
         Ok(())
     }
 }

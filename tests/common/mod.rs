@@ -337,8 +337,14 @@ impl ActionSpec {
     }
 
     /// Uploads Command and Action; returns the Action digest.
-    #[allow(deprecated)]
     pub async fn upload(&self, ch: &Channel) -> Digest {
+        self.upload_with(ch, |_| {}).await
+    }
+
+    /// Like [`upload`](Self::upload), with a last change to the Command
+    /// (fields the spec does not cover, e.g. `output_node_properties`).
+    #[allow(deprecated)]
+    pub async fn upload_with(&self, ch: &Channel, edit: impl FnOnce(&mut ReCommand)) -> Digest {
         let mut props: Vec<Property> = self
             .platform
             .iter()
@@ -351,7 +357,7 @@ impl ActionSpec {
         let platform = Some(Platform { properties: props });
         let mut env = self.env.clone();
         env.sort();
-        let cmd = ReCommand {
+        let mut cmd = ReCommand {
             arguments: self.argv.clone(),
             environment_variables: env
                 .into_iter()
@@ -365,6 +371,7 @@ impl ActionSpec {
             output_node_properties: Vec::new(),
             output_directory_format: if self.directory_only { 1 } else { 0 },
         };
+        edit(&mut cmd);
         let (cd, cb) = digest::of_message(&cmd);
         let action = Action {
             command_digest: Some(cd.clone()),

@@ -26,6 +26,7 @@ use std::path::PathBuf;
 
 use crate::error::SetupError;
 use crate::init::{self, Exec};
+use crate::limits::{LimitHit, Probes};
 use crate::protocol::{self, Received, Reply, WireRequest};
 use crate::sys;
 use mounts::ProcSetup;
@@ -33,11 +34,12 @@ use mounts::ProcSetup;
 /// Namespaces every sandbox gets new; it also gets a new IPC namespace and,
 /// when the network is off, a new network namespace: joined from the
 /// helper's pools, or `CLONE_NEWIPC`/`CLONE_NEWNET` added here without one.
-pub(crate) const NS_FLAGS: u64 = (libc::CLONE_NEWUSER
-    | libc::CLONE_NEWNS
-    | libc::CLONE_NEWPID
-    | libc::CLONE_NEWUTS
-    | libc::CLONE_NEWCGROUP) as u64;
+///
+/// The cgroup namespace is the init's own doing ([`enter_cgroup_namespace`]),
+/// once the helper has moved it into its cgroup: its root is then that
+/// cgroup, and the sandbox sees `/` in `/proc/self/cgroup`.
+pub(crate) const NS_FLAGS: u64 =
+    (libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS) as u64;
 
 pub(crate) struct InitArgs {
     pub req: WireRequest,
@@ -53,17 +55,59 @@ pub(crate) struct InitArgs {
     /// We own a brand-new network namespace and must bring `lo` up ourselves.
     pub fresh_netns: bool,
     pub last_cap: libc::c_ulong,
+    pub cg: InitCgroup,
+}
+
+/// What an init knows of its cgroup.
+#[derive(Default)]
+pub(crate) struct InitCgroup {
+    /// The cgroup's counters (empty without one).
+    pub probes: Probes,
+    /// Becomes readable once the helper has moved us into the cgroup
+    /// (`None`: already done, or no cgroup).
+    pub placed: Option<OwnedFd>,
+    /// No pids cgroup: `RLIMIT_NPROC` counts the sandbox's processes.
+    pub nproc_rlimit: bool,
+}
+
+impl InitCgroup {
+    fn fds(&self) -> Vec<RawFd> {
+        let mut v = self.probes.raw_fds();
+        v.extend(self.placed.as_ref().map(|f| f.as_raw_fd()));
+        v
+    }
+}
+
+/// Waits until the helper has put us in our cgroup, then makes it the root
+/// of a cgroup namespace of our own.
+fn enter_cgroup_namespace(placed: Option<OwnedFd>) -> Result<(), SetupError> {
+    if let Some(p) = placed {
+        let mut b = [0u8; 1];
+        match sys::read(p.as_fd(), &mut b) {
+            Ok(1) => {}
+            _ => {
+                return Err(SetupError::new(
+                    "join the sandbox's cgroup (the helper could not move it)",
+                    nix::errno::Errno::EIO,
+                ));
+            }
+        }
+    }
+    sys::unshare(libc::CLONE_NEWCGROUP)
+        .map_err(|e| SetupError::new("unshare the cgroup namespace", e))
 }
 
 /// Entry of the sandbox's init, in the child of the helper's `clone3`.
 pub(crate) fn init_main(a: InitArgs) -> ! {
     // Only what this sandbox needs stays open: the helper's other sockets,
     // pidfds and pooled namespaces must not leak into (or be kept alive by) it.
-    keep_only(&[
+    let mut keep = vec![
         a.action.as_raw_fd(),
         a.stdout.as_raw_fd(),
         a.stderr.as_raw_fd(),
-    ]);
+    ];
+    keep.extend(a.cg.fds());
+    keep_only(&keep);
     let prologue = a
         .ids
         .write_self()
@@ -80,6 +124,7 @@ pub(crate) struct SpareArgs {
     pub dev_template: Option<&'static std::ffi::CStr>,
     pub fresh_netns: bool,
     pub last_cap: libc::c_ulong,
+    pub cg: InitCgroup,
 }
 
 /// Entry of a spare init: a sandbox's init made ahead of its request. It
@@ -88,7 +133,9 @@ pub(crate) struct SpareArgs {
 /// its fds and goes on as [`init_main`]. The helper hands it only requests
 /// for uid/gid 0 without network; it exits if the helper hangs up first.
 pub(crate) fn spare_main(s: SpareArgs) -> ! {
-    keep_only(&[s.chan.as_raw_fd()]);
+    let mut keep = vec![s.chan.as_raw_fd()];
+    keep.extend(s.cg.fds());
+    keep_only(&keep);
     let prepared = s
         .ids
         .write_self()
@@ -129,6 +176,7 @@ pub(crate) fn spare_main(s: SpareArgs) -> ! {
             dev_template: s.dev_template,
             fresh_netns: false,
             last_cap: s.last_cap,
+            cg: s.cg,
         },
         Ok(()),
         ProcSetup::Prepared,
@@ -139,6 +187,7 @@ pub(crate) fn spare_main(s: SpareArgs) -> ! {
 /// goes, its timeouts go with it, so must we.
 fn keep_only(fds: &[RawFd]) {
     let mut keep: Vec<RawFd> = fds.iter().copied().chain([0, 1, 2]).collect();
+    keep.dedup();
     keep.sort_unstable();
     let _ = sys::close_all_except(&keep);
     let _ = sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
@@ -160,14 +209,21 @@ fn run_init(a: InitArgs, prologue: Result<(), SetupError>, proc: ProcSetup) -> !
             sys::exit_now(2);
         }
     };
-    let ready =
-        match prologue.and_then(|()| set_up(&a.req, a.base, a.dev_template, a.fresh_netns, proc)) {
-            Ok(r) => r,
-            Err(e) => {
-                report(&Reply::Error(e), &[]);
-                sys::exit_now(0);
-            }
-        };
+    let InitCgroup {
+        probes,
+        placed,
+        nproc_rlimit,
+    } = a.cg;
+    let ready = match prologue
+        .and_then(|()| set_up(&a.req, a.base, a.dev_template, a.fresh_netns, proc))
+        .and_then(|r| enter_cgroup_namespace(placed).map(|()| r))
+    {
+        Ok(r) => r,
+        Err(e) => {
+            report(&Reply::Error(e), &[]);
+            sys::exit_now(0);
+        }
+    };
     report(
         &Reply::Ready {
             kiln_mounts: mounts::KILN_MOUNTS.iter().map(PathBuf::from).collect(),
@@ -178,19 +234,48 @@ fn run_init(a: InitArgs, prologue: Result<(), SetupError>, proc: ProcSetup) -> !
     drop(ready);
 
     let exec = Exec::new(&a.req.argv, &a.req.env, a.stdout, a.stderr, a.last_cap)
-        .with_cwd(&PathBuf::from("/").join(&a.req.cwd));
+        .with_cwd(&PathBuf::from("/").join(&a.req.cwd))
+        .with_limits(a.req.limits, nproc_rlimit);
+    let tmpfs: Vec<(&str, Option<OwnedFd>)> = ["/tmp", "/dev/shm"]
+        .into_iter()
+        .map(|p| {
+            (
+                p,
+                sys::open(&sys::cpath(p.as_ref()), libc::O_PATH | libc::O_DIRECTORY, 0).ok(),
+            )
+        })
+        .collect();
     match init::run_as_init(&exec, Some(mounts::detach_old_root)) {
-        Ok((outcome, exec_ns)) => report(
-            &Reply::Finished {
-                outcome,
-                exec_ns,
-                killed: None,
-            },
-            &[],
-        ),
+        Ok((mut outcome, exec_ns)) => {
+            let mut found = probes.hits(&a.req.limits);
+            found.extend(full_tmpfs(&tmpfs));
+            exec.report_limits(&mut outcome, found);
+            report(
+                &Reply::Finished {
+                    outcome,
+                    exec_ns,
+                    killed: None,
+                },
+                &[],
+            )
+        }
         Err(e) => report(&Reply::Error(e), &[]),
     }
     sys::exit_now(0)
+}
+
+/// Kiln's tmpfs mounts that are full.
+pub(crate) fn full_tmpfs(mounts: &[(&str, Option<OwnedFd>)]) -> Vec<LimitHit> {
+    mounts
+        .iter()
+        .filter_map(|(path, fd)| {
+            let (free, total) = sys::fstatfs_free(fd.as_ref()?.as_fd()).ok()?;
+            (total > 0 && free < 4096).then(|| LimitHit::TmpfsFull {
+                path: path.to_string(),
+                size_bytes: total,
+            })
+        })
+        .collect()
 }
 
 struct Ready {
@@ -209,7 +294,14 @@ fn set_up(
     if proc == ProcSetup::Fresh {
         private_root()?;
     }
-    let ops = mounts::plan(&req.root, &req.cwd, &req.subtrees, dev_template, proc);
+    let ops = mounts::plan(
+        &req.root,
+        &req.cwd,
+        &req.subtrees,
+        dev_template,
+        proc,
+        mounts::tmpfs_size(&req.limits),
+    );
     let mut live = mounts::Live::new(base);
     mounts::apply(&ops, &mut live)?;
     let root = live.root_fd().expect("root mounted");

@@ -39,9 +39,10 @@ pub(crate) const DEV_LINKS: [(&str, &str); 4] = [
 /// privileged helper the sandbox's uid *is* the host's uid 0 (without
 /// capabilities), and DAC alone would let it write `/proc/sysrq-trigger` or
 /// host sysctls; this closes that.
-pub(crate) const PROC_MASKED_FILES: [&str; 5] = [
+pub(crate) const PROC_MASKED_FILES: [&str; 6] = [
     "kcore",
     "keys",
+    "key-users",
     "timer_list",
     "sched_debug",
     "latency_stats",
@@ -288,15 +289,30 @@ pub(crate) enum ProcSetup {
     Prepared,
 }
 
+/// The size of `/tmp` and `/dev/shm` each: the scratch limit, and never
+/// more than the memory limit (their pages are memory).
+pub(crate) fn tmpfs_size(l: &crate::limits::Limits) -> Option<u64> {
+    match (l.scratch_bytes, l.memory_bytes) {
+        (Some(s), Some(m)) => Some(s.min(m)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// `dev_template`: where the helper keeps a ready `/dev` to bind, if it could
-/// make one; otherwise each sandbox builds its own.
+/// make one; otherwise each sandbox builds its own. `tmpfs_size`: bytes of
+/// `/tmp` and `/dev/shm` each (`None`: the kernel's default, half the RAM).
 pub(crate) fn plan(
     root: &Root,
     cwd: &Path,
     subtrees: &[Subtree],
     dev_template: Option<&'static CStr>,
     proc: ProcSetup,
+    tmpfs_size: Option<u64>,
 ) -> Vec<Op> {
+    let sized = |mode: &str| match tmpfs_size {
+        Some(b) => format!("mode={mode},size={}k", b.div_ceil(1024).max(4)),
+        None => format!("mode={mode}"),
+    };
     let subtrees = ordered_subtrees(subtrees);
     let root_ro = subtrees
         .iter()
@@ -336,12 +352,12 @@ pub(crate) fn plan(
     ops.push(Op::Tmpfs {
         target: "dev/shm".into(),
         flags: NOSUID_NODEV | libc::MS_NOEXEC,
-        data: "mode=1777".into(),
+        data: sized("1777"),
     });
     ops.push(Op::Tmpfs {
         target: "tmp".into(),
         flags: NOSUID_NODEV,
-        data: "mode=1777".into(),
+        data: sized("1777"),
     });
     match proc {
         ProcSetup::Fresh => {
@@ -765,6 +781,7 @@ mod tests {
             ],
             None,
             ProcSetup::Fresh,
+            None,
         );
         let binds: Vec<_> = ops
             .iter()
@@ -792,6 +809,7 @@ mod tests {
             &[sub("", true)],
             None,
             ProcSetup::Fresh,
+            None,
         );
         let pos = |want: &Op| ops.iter().position(|o| o == want).unwrap();
         let remount = pos(&Op::RemountRoot { read_only: true });
@@ -810,6 +828,7 @@ mod tests {
             &[],
             None,
             ProcSetup::Fresh,
+            None,
         );
         let w = ops
             .iter()
@@ -839,6 +858,7 @@ mod tests {
                 &marks,
                 template,
                 ProcSetup::Fresh,
+                None,
             );
             let last_bind = ops
                 .iter()
@@ -865,6 +885,7 @@ mod tests {
             &[],
             Some(c"/t"),
             ProcSetup::Fresh,
+            None,
         );
         let pos = |want: &Op| ops.iter().position(|o| o == want);
         let bind = pos(&Op::DevFromTemplate(c"/t")).unwrap();
@@ -908,6 +929,7 @@ mod tests {
             &[sub("fail", true)],
             None,
             ProcSetup::Fresh,
+            None,
         );
         let mut r = Recorder(Vec::new());
         let e = apply(&ops, &mut r).unwrap_err();

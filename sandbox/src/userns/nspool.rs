@@ -7,11 +7,11 @@
 //! pool — still may). Such a namespace stays owned by the host user
 //! namespace, so the action cannot reconfigure it.
 //!
-//! Network namespaces (only `lo`, up) are handed out again once every
-//! process of their previous sandbox has been reaped: nothing the action
-//! could change in one survives it. IPC namespaces are never reused: SysV
-//! objects outlive their processes, so each sandbox gets a fresh one, and
-//! dropping the pool's fd after the `clone3` leaves it to the sandbox alone.
+//! Neither kind is ever handed out twice: a network namespace keeps what an
+//! action left in it (TIME_WAIT sockets, loopback counters, neighbour
+//! entries) past its last process, and SysV IPC objects outlive theirs. The
+//! helper drops the pool's fd after the `clone3`, which leaves the
+//! namespace to the sandbox alone; the pool is refilled in idle moments.
 
 use std::ffi::CStr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -96,18 +96,6 @@ impl NsPool {
         match self.free.pop() {
             Some(fd) => Ok(fd),
             None => self.create(),
-        }
-    }
-
-    /// Returns a network namespace whose sandbox has no process left.
-    pub fn give_back(&mut self, fd: OwnedFd) {
-        debug_assert_eq!(
-            self.kind,
-            libc::CLONE_NEWNET,
-            "only network namespaces are reused"
-        );
-        if self.free.len() < self.target * 2 {
-            self.free.push(fd);
         }
     }
 

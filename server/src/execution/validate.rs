@@ -211,6 +211,9 @@ async fn check_tree(
             Error::InvalidArgument(format!("{what} {root}: directory {d}: {why}"))
         })?;
     }
+    if let Some(why) = walk.too_deep(&root) {
+        return Err(Error::InvalidArgument(format!("{what} {root}: {why}")));
+    }
     let mut missing = walk.missing;
     let files = tree::file_digests(walk.directories.iter().map(|(_, d)| d))?;
     missing.extend(cas.find_missing(&files).await?);
