@@ -6,7 +6,8 @@
 //! root is the input root alone, and the sandbox's own "not found" leaves
 //! the user guessing why.
 
-use std::io::Write;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use kiln_proto::reapi::{Command, Directory};
@@ -58,14 +59,13 @@ pub fn no_base_root(command: &Command, tree: &InputTree) -> Option<String> {
     })
 }
 
-/// Appends the hint to the action's stderr file.
-pub fn append(stderr: &Path, hint: &str) -> Result<()> {
-    std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(stderr)
-        .and_then(|mut f| f.write_all(hint.as_bytes()))
-        .map_err(|e| Error::io("append the hint to stderr", stderr, e))
+/// Appends the hint to the action's stderr file, through the worker's own
+/// handle of it (`path` only names it in errors).
+pub fn append(stderr: &File, path: &Path, hint: &str) -> Result<()> {
+    stderr
+        .metadata()
+        .and_then(|m| stderr.write_all_at(hint.as_bytes(), m.len()))
+        .map_err(|e| Error::io("append the hint to stderr", path, e))
 }
 
 /// `path` as seen from the input root: absolute paths start at the root,

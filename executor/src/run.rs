@@ -245,7 +245,7 @@ impl Executor {
             && outcome.status == kiln_sandbox::ExitStatus::Exited(127)
             && let Some(hint) = crate::hint::no_base_root(&command, &tree)
         {
-            crate::hint::append(&scratch.stderr, &hint)?;
+            crate::hint::append(&scratch.stderr.read, &scratch.stderr.path, &hint)?;
         }
         timings.sandbox_setup = outcome.setup;
         timings.run = outcome.wall;
