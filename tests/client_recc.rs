@@ -1,269 +1,454 @@
-//! recc's request shape, sent over real gRPC to `kiln serve`.
+//! recc, the real client (`../shared/clients/recc`, installed by
+//! scripts/install-test-deps), against `kiln serve` on loopback.
 //!
-//! recc (the Remote Execution Caching Compiler) is not packaged anywhere we
-//! can install from, so this test speaks its exact sequence for one
-//! compile (KILN-CONTRACT §7): GetActionResult → FindMissingBlobs →
-//! BatchUpdateBlobs (≤ 2 MiB per batch, whatever the server advertises) →
-//! Execute → ByteStream.Read, with what recc puts in the Command: the
-//! compiler's absolute host path as argv[0], a working directory relative
-//! to the input root, REAPI 2.0 `output_files` relative to it whose parent
-//! directories do not exist, and the toolchain as a base root
-//! (`chrootRootDigest`) pushed once with `kiln cas upload-dir`.
+//! The project in tests/clients/recc is built with `make CC="recc
+//! /usr/bin/gcc"` the way docs/clients/recc.md tells users to: the Debian
+//! gcc-12 root of scripts/fixtures pushed once with `kiln cas upload-dir` and
+//! named by `RECC_REMOTE_PLATFORM_chrootRootDigest`. Its sources sit in
+//! subdirectories, one header lies outside the project directory (so recc
+//! sends a working directory below the input root), and the objects go to
+//! `build/obj/…`, which the input root does not hold.
+//!
+//! One test still speaks recc's requests from Rust: the machine-readable
+//! details of a refused Execute, which the binary only prints as text.
 
 mod common;
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
 use common::*;
 use kiln_proto::digest;
-use kiln_proto::reapi::action_cache_client::ActionCacheClient;
-use kiln_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
-use kiln_proto::reapi::{
-    BatchUpdateBlobsRequest, Digest, Directory, DirectoryNode, FileNode, FindMissingBlobsRequest,
-    GetActionResultRequest, batch_update_blobs_request,
-};
+use kiln_proto::reapi::{Directory, FileNode};
+use prost::Message;
 use tonic::Code;
-use tonic::transport::Channel;
 
-/// recc's batch limit: it never sends more than this in one
-/// BatchUpdateBlobs, whatever the server advertises.
-const RECC_BATCH_BYTES: usize = 2 << 20;
+/// The sources of tests/clients/recc/project, as make compiles them.
+const SOURCES: [&str; 5] = [
+    "src/main.c",
+    "src/calc/add.c",
+    "src/calc/mul.c",
+    "src/text/format.c",
+    "src/text/reverse.c",
+];
+/// What the linked program prints.
+const DEMO_OUTPUT: &str = "ccer+nlik sum=56 product=15\n";
+/// recc's verbose lines for a remote compile and an action-cache hit.
+const RECC_EXECUTES: &str = "Executing action remotely";
+const RECC_HIT: &str = "Action Cache hit for";
 
-fn file(name: &str, data: &[u8], blobs: &mut Vec<(Digest, Vec<u8>)>) -> FileNode {
-    let d = digest::of_bytes(data);
-    blobs.push((d.clone(), data.to_vec()));
-    FileNode {
-        name: name.into(),
-        digest: Some(d),
-        is_executable: false,
-        node_properties: None,
+/// The real recc: `$KILN_RECC`, else the link scripts/install-test-deps
+/// makes to the binary of `../shared/clients/recc` (or `$KILN_RECC_DIR`).
+fn recc_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("KILN_RECC")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".cache/recc/recc"));
+    if path.exists() {
+        return Some(path);
+    }
+    skip(&format!(
+        "recc is missing at {} (scripts/install-test-deps installs it from \
+         ../shared/clients/recc, or from $KILN_RECC_DIR)",
+        path.display()
+    ));
+    None
+}
+
+/// A fresh copy of tests/clients/recc under `dest`; returns its project
+/// directory (the header directory `../shared` sits next to it).
+fn copy_project(dest: &Path) -> PathBuf {
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(repo_root().join("tests/clients/recc"))
+        .arg(dest)
+        .status()
+        .expect("run cp");
+    assert!(status.success());
+    dest.join("project")
+}
+
+/// recc's configuration as docs/clients/recc.md gives it, and nothing from
+/// the environment of whoever runs the tests (`HOME` points into the
+/// temporary directory, so no user `recc.conf` applies either).
+fn recc_env(cmd: &mut Command, url: &str, project: &Path, platform: &[(&str, &str)]) {
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", project.parent().unwrap())
+        .env("RECC_SERVER", url)
+        .env("RECC_PROJECT_ROOT", project)
+        .env("RECC_REMOTE_ENV_PATH", "/usr/bin:/bin")
+        .env("RECC_VERBOSE", "1")
+        .current_dir(project);
+    for (name, value) in platform {
+        cmd.env(format!("RECC_REMOTE_PLATFORM_{name}"), value);
     }
 }
 
-fn dir(name: &str, d: Directory, blobs: &mut Vec<(Digest, Vec<u8>)>) -> DirectoryNode {
-    let (digest, bytes) = directory(&d);
-    blobs.push((digest.clone(), bytes));
-    DirectoryNode {
-        name: name.into(),
-        digest: Some(digest),
-    }
+fn platform(base: &str) -> [(&'static str, &str); 3] {
+    [
+        ("OSFamily", "linux"),
+        ("ISA", "x86-64"),
+        ("chrootRootDigest", base),
+    ]
 }
 
-/// What recc does for one compile: AC lookup, then upload only what the
-/// server lacks in ≤ 2 MiB batches, then Execute. Returns the response
-/// and whether the AC lookup hit.
-async fn recc_compile(
-    ch: &Channel,
-    spec: &ActionSpec,
-    mut blobs: Vec<(Digest, Vec<u8>)>,
-) -> (kiln_proto::reapi::ExecuteResponse, bool) {
-    let action = spec.upload(ch).await;
-    let cached = ActionCacheClient::new(ch.clone())
-        .get_action_result(GetActionResultRequest {
-            instance_name: String::new(),
-            action_digest: Some(action.clone()),
-            inline_stdout: false,
-            inline_stderr: false,
-            inline_output_files: Vec::new(),
-            digest_function: 0,
-        })
-        .await;
-    match cached {
-        // recc takes a hit as is: no Execute, only the outputs are read.
-        Ok(r) => {
-            let resp = kiln_proto::reapi::ExecuteResponse {
-                result: Some(r.into_inner()),
-                cached_result: true,
-                ..Default::default()
-            };
-            return (resp, true);
-        }
-        Err(s) => assert_eq!(s.code(), Code::NotFound, "a miss is NOT_FOUND: {s:?}"),
-    }
+/// `make` in `project` with this C compiler; returns its output.
+fn make(project: &Path, cc: &str, env: impl FnOnce(&mut Command)) -> Output {
+    let mut cmd = Command::new("make");
+    env(&mut cmd);
+    cmd.current_dir(project)
+        .args(["-j2", &format!("CC={cc}")])
+        .output()
+        .expect("run make")
+}
 
-    let mut cas = ContentAddressableStorageClient::new(ch.clone())
-        .max_decoding_message_size(16 << 20)
-        .max_encoding_message_size(16 << 20);
-    blobs.sort_by(|a, b| a.0.hash.cmp(&b.0.hash));
-    blobs.dedup_by(|a, b| a.0 == b.0);
-    let missing = cas
-        .find_missing_blobs(FindMissingBlobsRequest {
-            instance_name: String::new(),
-            blob_digests: blobs.iter().map(|(d, _)| d.clone()).collect(),
-            digest_function: 0,
-        })
-        .await
-        .expect("FindMissingBlobs")
-        .into_inner()
-        .missing_blob_digests;
-    let mut batch: Vec<batch_update_blobs_request::Request> = Vec::new();
-    let mut batch_bytes = 0;
-    let mut batches = 0;
-    let todo: Vec<_> = blobs
-        .into_iter()
-        .filter(|(d, _)| missing.contains(d))
-        .collect();
-    for (i, (d, data)) in todo.iter().enumerate() {
-        batch_bytes += data.len();
-        batch.push(batch_update_blobs_request::Request {
-            digest: Some(d.clone()),
-            data: data.clone(),
-            compressor: 0,
-        });
-        let next = todo.get(i + 1).map_or(usize::MAX, |(_, n)| n.len());
-        if i + 1 == todo.len() || batch_bytes + next > RECC_BATCH_BYTES {
-            let resp = cas
-                .batch_update_blobs(BatchUpdateBlobsRequest {
-                    instance_name: String::new(),
-                    requests: std::mem::take(&mut batch),
-                    digest_function: 0,
-                })
-                .await
-                .expect("BatchUpdateBlobs")
-                .into_inner();
-            for r in resp.responses {
-                assert_eq!(r.status.unwrap_or_default().code, 0, "blob stored");
-            }
-            batches += 1;
-            batch_bytes = 0;
-        }
-    }
-    assert!(todo.is_empty() || batches > 0);
-    let (_, resp) = run(ch, &action).await;
-    (resp, false)
+/// One recc compile in `project`: `recc /usr/bin/gcc ARGS`.
+fn recc(
+    recc: &Path,
+    url: &str,
+    project: &Path,
+    platform: &[(&str, &str)],
+    args: &[&str],
+) -> Output {
+    let mut cmd = Command::new(recc);
+    recc_env(&mut cmd, url, project, platform);
+    cmd.arg("/usr/bin/gcc")
+        .args(args)
+        .output()
+        .expect("run recc")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn object(project: &Path, source: &str) -> Vec<u8> {
+    let path = project.join("build/obj").join(source).with_extension("o");
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The server's JSON log lines (`--log-format json`).
+fn log_events(server: &Proc) -> Vec<serde_json::Value> {
+    server
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn with_message<'a>(
+    events: &'a [serde_json::Value],
+    message: &str,
+) -> Vec<(usize, &'a serde_json::Value)> {
+    events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e["fields"]["message"] == message)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recc_compile_on_a_pushed_base_root() {
-    let Some(tcc) = fixture("tcc", "usr/bin/tcc") else {
+async fn recc_builds_a_project_like_a_local_build_then_all_from_the_action_cache() {
+    let (Some(gcc), Some(recc_bin)) = (fixture("gcc", "usr/bin/gcc-12"), recc_binary()) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let server = serve(
+        tmp.path(),
+        &[
+            "--workers",
+            "1",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ],
+    );
+    let url = server.url();
+    let base = kiln_cas_upload_dir(&url, &gcc);
+    let cc = format!("{} /usr/bin/gcc", recc_bin.display());
+
+    // The reference: the same project built by the host's gcc (Debian 12's
+    // gcc-12, as in the base root).
+    let local = copy_project(&tmp.path().join("local"));
+    let out = make(&local, "gcc", |_| {});
+    assert!(out.status.success(), "local build: {}", text(&out));
+
+    // Remotely: every compile runs on the worker.
+    let remote = copy_project(&tmp.path().join("remote"));
+    let env = |cmd: &mut Command| recc_env(cmd, &url, &remote, &platform(&base));
+    let out = make(&remote, &cc, env);
+    let log = text(&out);
+    assert!(out.status.success(), "recc build: {log}");
+    assert_eq!(log.matches(RECC_EXECUTES).count(), SOURCES.len(), "{log}");
+    assert_eq!(log.matches(RECC_HIT).count(), 0, "{log}");
+    for source in SOURCES {
+        assert!(
+            object(&remote, source) == object(&local, source),
+            "{source}: the remote object differs from the local one"
+        );
+    }
+    let demo = Command::new(remote.join("build/bin/demo"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&demo.stdout), DEMO_OUTPUT);
+
+    // Kiln's log names recc and its invocation (recc sends its metadata
+    // under `requestmetadata-bin`), and says "queued" before "dispatched".
+    let events = log_events(&server);
+    let queued = with_message(&events, "queued");
+    let dispatched = with_message(&events, "dispatched");
+    assert_eq!(queued.len(), SOURCES.len(), "{}", server.log_text());
+    for (at, q) in &queued {
+        let tool = q["fields"]["tool"].as_str().unwrap();
+        assert!(tool.starts_with("recc "), "tool {tool:?} in {q}");
+        assert_ne!(q["fields"]["invocation"], "", "{q}");
+        let op = &q["fields"]["operation"];
+        let (d_at, _) = dispatched
+            .iter()
+            .find(|(_, d)| d["fields"]["operation"] == *op)
+            .unwrap_or_else(|| panic!("{op} never dispatched"));
+        assert!(at < d_at, "{op}: dispatched before queued");
+    }
+
+    // A clean rebuild: every compile is an action-cache hit, nothing runs.
+    let hits = "kiln_action_cache_lookups_total{path=\"get_action_result\",result=\"hit\"}";
+    let misses = "kiln_action_cache_lookups_total{path=\"get_action_result\",result=\"miss\"}";
+    let (_, before) = http_get(&server.metrics, "/metrics");
+    std::fs::remove_dir_all(remote.join("build")).unwrap();
+    let out = make(&remote, &cc, env);
+    let log = text(&out);
+    assert!(out.status.success(), "recc rebuild: {log}");
+    assert_eq!(log.matches(RECC_HIT).count(), SOURCES.len(), "{log}");
+    assert_eq!(log.matches(RECC_EXECUTES).count(), 0, "{log}");
+    let (_, after) = http_get(&server.metrics, "/metrics");
+    assert_eq!(
+        sample(&after, hits) - sample(&before, hits),
+        SOURCES.len() as f64
+    );
+    assert_eq!(sample(&after, misses), sample(&before, misses));
+    assert_eq!(
+        with_message(&log_events(&server), "queued").len(),
+        SOURCES.len(),
+        "no new operation"
+    );
+    for source in SOURCES {
+        assert!(
+            object(&remote, source) == object(&local, source),
+            "{source}"
+        );
+    }
+
+    // recc speaking REAPI 2.2 (`output_paths`): the same object again.
+    let mut cmd = Command::new(&recc_bin);
+    recc_env(&mut cmd, &url, &remote, &platform(&base));
+    let out = cmd
+        .env("RECC_REAPI_VERSION", "2.2")
+        .args(["/usr/bin/gcc", "-O2", "-Wall", "-Werror", "-Iinclude"])
+        .args([
+            "-I../shared/include",
+            "-c",
+            "src/main.c",
+            "-o",
+            "build/v22/main.o",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "REAPI 2.2: {}", text(&out));
+    assert!(
+        std::fs::read(remote.join("build/v22/main.o")).unwrap() == object(&local, "src/main.c")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compile_error_comes_back_as_the_compilers_error_and_exit_code() {
+    let (Some(gcc), Some(recc_bin)) = (fixture("gcc", "usr/bin/gcc-12"), recc_binary()) else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
     let server = serve(tmp.path(), &["--workers", "1"]);
+    let base = kiln_cas_upload_dir(&server.url(), &gcc);
+    let project = copy_project(&tmp.path().join("p"));
+    std::fs::write(
+        project.join("src/broken.c"),
+        "#include \"calc.h\"\nint broken(void) { return undeclared_value; }\n",
+    )
+    .unwrap();
+    let args = [
+        "-Iinclude",
+        "-c",
+        "src/broken.c",
+        "-o",
+        "build/obj/src/broken.o",
+    ];
+
+    let local = Command::new("gcc")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .current_dir(&project)
+        .args(args)
+        .output()
+        .unwrap();
+    assert_eq!(local.status.code(), Some(1));
+    let local_err = String::from_utf8_lossy(&local.stderr).into_owned();
+    assert!(
+        local_err.contains("error: 'undeclared_value' undeclared"),
+        "{local_err}"
+    );
+
+    let out = recc(&recc_bin, &server.url(), &project, &platform(&base), &args);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&local_err),
+        "the remote gcc's error, word for word: {}",
+        text(&out)
+    );
+    assert!(!project.join("build/obj/src/broken.o").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compile_without_a_base_root_is_told_to_name_one() {
+    let Some(recc_bin) = recc_binary() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let server = serve(tmp.path(), &["--workers", "1"]);
+    let project = copy_project(&tmp.path().join("p"));
+    let no_base = [("OSFamily", "linux"), ("ISA", "x86-64")];
+    let args = ["-Iinclude", "-c", "src/calc/mul.c", "-o", "build/obj/mul.o"];
+    let out = recc(&recc_bin, &server.url(), &project, &no_base, &args);
+    let log = text(&out);
+    // The exit code stays the sandbox's "not found"; stderr says why.
+    assert_eq!(out.status.code(), Some(127), "{log}");
+    assert!(
+        log.contains("kiln-sandbox: /usr/bin/gcc: not found"),
+        "{log}"
+    );
+    assert!(
+        log.contains("/usr/bin/gcc is not in this action's input root")
+            && log.contains("names no base root")
+            && log.contains("RECC_REMOTE_PLATFORM_chrootRootDigest")
+            && log.contains("container-image"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_base_root_missing_from_cas_is_refused_and_logged() {
+    let Some(recc_bin) = recc_binary() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let server = serve(tmp.path(), &["--workers", "1", "--log-format", "json"]);
+    let project = copy_project(&tmp.path().join("p"));
+    let ghost = format!("{}/{}", "ab".repeat(32), 123);
+    let args = ["-Iinclude", "-c", "src/calc/mul.c", "-o", "build/obj/mul.o"];
+    let out = recc(&recc_bin, &server.url(), &project, &platform(&ghost), &args);
+    let log = text(&out);
+    assert_ne!(out.status.code(), Some(0), "{log}");
+    assert!(log.contains(&ghost), "recc shows the missing blob: {log}");
+
+    // The operator sees it too, at the default level, with the client.
+    let events = log_events(&server);
+    let refused = with_message(&events, "Execute refused");
+    let [(_, e)] = refused.as_slice() else {
+        panic!("one refusal logged: {}", server.log_text());
+    };
+    assert_eq!(e["level"], "WARN", "{e}");
+    assert_eq!(e["fields"]["code"], "FailedPrecondition", "{e}");
+    assert!(
+        e["fields"]["reason"].as_str().unwrap().contains(&ghost),
+        "{e}"
+    );
+    let action = log
+        .split_once("actionDigest=")
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map(|(digest, _)| digest)
+        .unwrap_or_else(|| panic!("recc names its action: {log}"));
+    assert_eq!(e["fields"]["action"], action, "{e}");
+    let tool = e["span"]["tool"].as_str().unwrap_or_default();
+    assert!(tool.starts_with("recc "), "{e}");
+}
+
+/// What the binary cannot show: the refusal of a missing base root carries a
+/// `google.rpc.PreconditionFailure` naming the blob (`blobs/HASH/SIZE`),
+/// which clients that re-upload read (this recc only prints the message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_base_root_is_a_precondition_failure_naming_the_blob() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = serve(tmp.path(), &["--workers", "1"]);
     let ch = channel(&server.url()).await;
 
-    // Pushed once by the user, then named by every action.
-    let base = kiln_cas_upload_dir(&server.url(), &tcc);
-
-    // The project as recc sees it: sources below the working directory
-    // src/app, a header one level up, and a generated 1.5 MiB header so
-    // the upload needs more than one 2 MiB batch together with the rest.
-    let mut blobs = Vec::new();
-    let big: String = (0..60_000)
-        .map(|i| format!("#define BIG_{i} {i}\n"))
-        .collect();
-    assert!(big.len() > 1 << 20);
-    let big2 = big.replace("BIG_", "BIG2_");
-    let include = Directory {
-        files: vec![
-            file("answer.h", b"#define ANSWER 42\n", &mut blobs),
-            file("big.h", big.as_bytes(), &mut blobs),
-            file("big2.h", big2.as_bytes(), &mut blobs),
-        ],
-        ..Default::default()
-    };
-    let app = Directory {
-        files: vec![file(
-            "hello.c",
-            b"#include <stdio.h>\n#include \"../include/answer.h\"\n#include \"../include/big.h\"\n\
-              #include \"../include/big2.h\"\n\
-              int main(void) { printf(\"answer %d %d\\n\", ANSWER, BIG_59999 - BIG2_59999); return 0; }\n",
-            &mut blobs,
-        )],
-        ..Default::default()
-    };
+    // recc's shape: sources only, argv[0] a host path, a working directory
+    // below the input root, an output whose directory does not exist.
+    let source = b"int f(void) { return 1; }\n".to_vec();
+    let source_digest = digest::of_bytes(&source);
     let src = Directory {
-        directories: vec![
-            dir("app", app, &mut blobs),
-            dir("include", include, &mut blobs),
-        ],
+        files: vec![FileNode {
+            name: "f.c".into(),
+            digest: Some(source_digest.clone()),
+            ..Default::default()
+        }],
         ..Default::default()
     };
+    let (src_digest, src_bytes) = directory(&src);
     let root = Directory {
-        directories: vec![dir("src", src, &mut blobs)],
+        directories: vec![kiln_proto::reapi::DirectoryNode {
+            name: "src".into(),
+            digest: Some(src_digest.clone()),
+        }],
         ..Default::default()
     };
     let (root_digest, root_bytes) = directory(&root);
-    blobs.push((root_digest.clone(), root_bytes));
-
-    let platform = vec![
-        ("OSFamily".to_string(), "linux".to_string()),
-        ("ISA".to_string(), "x86-64".to_string()),
-        ("chrootRootDigest".to_string(), base.clone()),
-    ];
-    let compile = ActionSpec {
-        argv: ["/usr/bin/tcc", "-c", "hello.c", "-o", "build/obj/hello.o"]
+    upload(
+        &ch,
+        vec![
+            (source_digest, source),
+            (src_digest, src_bytes),
+            (root_digest.clone(), root_bytes),
+        ],
+    )
+    .await;
+    let ghost = digest::of_bytes(b"a base root never pushed");
+    let spec = ActionSpec {
+        argv: ["/usr/bin/gcc", "-c", "f.c", "-o", "build/obj/f.o"]
             .map(String::from)
             .to_vec(),
         env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-        input_root: root_digest.clone(),
-        working_directory: "src/app".into(),
+        input_root: root_digest,
+        working_directory: "src".into(),
         output_paths: Vec::new(),
-        output_files: vec!["build/obj/hello.o".into()],
+        output_files: vec!["build/obj/f.o".into()],
         output_directories: Vec::new(),
-        platform: platform.clone(),
+        platform: vec![
+            ("OSFamily".into(), "linux".into()),
+            ("ISA".into(), "x86-64".into()),
+            (
+                "chrootRootDigest".into(),
+                format!("{}/{}", ghost.hash, ghost.size_bytes),
+            ),
+        ],
         timeout: None,
         do_not_cache: false,
         directory_only: false,
         salt: Vec::new(),
     };
-    let (resp, hit) = recc_compile(&ch, &compile, blobs.clone()).await;
-    assert!(!hit && !resp.cached_result);
-    assert_eq!(resp.status.clone().unwrap_or_default().code, 0, "{resp:?}");
-    let result = resp.result.expect("a result");
-    let stderr = read_blob(&ch, result.stderr_digest.as_ref().unwrap()).await;
-    assert_eq!(result.exit_code, 0, "tcc failed: {stderr:?}");
-    // REAPI 2.0 clients read output_files, with paths as they asked.
-    assert_eq!(result.output_files.len(), 1, "{result:?}");
-    let obj = &result.output_files[0];
-    assert_eq!(obj.path, "build/obj/hello.o");
-    let object = read_blob(&ch, obj.digest.as_ref().unwrap()).await;
-    assert_eq!(&object[..4], b"\x7fELF", "an object file came back");
-
-    // The object links and runs on the same base: it really was compiled.
-    let mut blobs = Vec::new();
-    let obj_dir = Directory {
-        files: vec![file("hello.o", &object, &mut blobs)],
-        ..Default::default()
-    };
-    let root = Directory {
-        directories: vec![dir("obj", obj_dir, &mut blobs)],
-        ..Default::default()
-    };
-    let (link_root, bytes) = directory(&root);
-    blobs.push((link_root.clone(), bytes));
-    upload(&ch, blobs).await;
-    let mut link = ActionSpec::shell(
-        link_root,
-        "/usr/bin/tcc -o bin/hello obj/hello.o && ./bin/hello",
+    let action = spec.upload(&ch).await;
+    let err = execute(&ch, &action, false).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let status = kiln_proto::rpc::Status::decode(err.details()).unwrap();
+    let failure =
+        kiln_proto::error_details::PreconditionFailure::decode(&status.details[0].value[..])
+            .unwrap();
+    assert_eq!(failure.violations.len(), 1, "{failure:?}");
+    assert_eq!(failure.violations[0].r#type, "MISSING");
+    assert_eq!(
+        failure.violations[0].subject,
+        format!("blobs/{}/{}", ghost.hash, ghost.size_bytes)
     );
-    link.platform = platform.clone();
-    link.env = vec![("PATH".into(), "/usr/bin:/bin".into())];
-    link.output_files = vec!["bin/hello".into()];
-    let (_, resp) = run(&ch, &link.upload(&ch).await).await;
-    let result = resp.result.expect("a result");
-    let stdout = read_blob(&ch, result.stdout_digest.as_ref().unwrap()).await;
-    let stderr = read_blob(&ch, result.stderr_digest.as_ref().unwrap()).await;
-    assert_eq!(result.exit_code, 0, "link/run failed: {stderr:?}");
-    assert_eq!(&stdout[..], b"answer 42 0\n");
-    assert!(result.output_files[0].is_executable);
-
-    // The same compile again (another developer, a clean build): recc's
-    // GetActionResult hits, nothing is uploaded or run.
-    let (again, hit) = recc_compile(&ch, &compile, Vec::new()).await;
-    assert!(hit && again.cached_result);
-    assert_eq!(again.result.unwrap().output_files[0].digest, obj.digest);
-
-    // A base root that is not in CAS: refused up front, naming the blob,
-    // so the client knows to push it (it never reaches a worker).
-    let mut no_base = compile;
-    no_base.salt = b"other".to_vec();
-    no_base.platform[2].1 = format!("{}/{}", "ab".repeat(32), 123);
-    let action = no_base.upload(&ch).await;
-    match execute(&ch, &action, false).await {
-        Err(s) => assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}"),
-        Ok(stream) => {
-            let resp = response(&finish(stream).await);
-            let status = resp.status.unwrap_or_default();
-            assert_eq!(status.code, Code::FailedPrecondition as i32, "{status:?}");
-        }
-    }
 }

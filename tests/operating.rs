@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -95,35 +94,6 @@ impl Drop for Served {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// A plain HTTP/1.0 GET (no client library needed; the server closes the
-/// connection after the response).
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect to the metrics port");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status code");
-    (status, body.to_string())
-}
-
-/// The value of one sample (`name{labels}` exactly as rendered), 0 if absent.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().unwrap())
-        })
-        .unwrap_or(0.0)
 }
 
 fn metadata_request(
@@ -561,4 +531,38 @@ async fn screenshot_of_the_status_page_during_a_build() {
         .unwrap();
     assert!(status.success(), "chromium failed");
     eprintln!("saved {}", Path::new(&out).display());
+}
+
+/// What a user types: `kiln serve --data-dir data` in some directory. The
+/// embedded worker hands the sandbox paths under its data directory, which
+/// must work from a relative one too; and the log, a file here, carries no
+/// colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relative_data_dir_runs_actions_and_log_files_are_plain_text() {
+    let root = need_busybox!();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Proc::start_in(
+        Some(dir.path()),
+        &["serve", "--listen", "127.0.0.1:0", "--data-dir", "data"],
+        &dir.path().join("server.log"),
+        true,
+    );
+    let ch = channel(&server.url()).await;
+    let input = upload_dir(&ch, &root).await;
+    let action = ActionSpec::shell(input, "echo relative").upload(&ch).await;
+    let (_, resp) = run(&ch, &action).await;
+    assert_eq!(resp.status.clone().unwrap_or_default().code, 0, "{resp:?}");
+    let result = resp.result.unwrap();
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(
+        &read_blob(&ch, result.stdout_digest.as_ref().unwrap()).await[..],
+        b"relative\n"
+    );
+    assert!(dir.path().join("data/worker-0").is_dir());
+    let log = server.log_text();
+    assert!(log.contains("dispatched"), "{log}");
+    assert!(
+        !log.contains('\x1b'),
+        "no escape codes in a log file: {log:?}"
+    );
 }

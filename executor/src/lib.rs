@@ -10,6 +10,7 @@ pub mod cas;
 pub mod collect;
 pub mod config;
 pub mod error;
+mod hint;
 pub mod image;
 pub mod run;
 pub mod stage;
@@ -44,7 +45,10 @@ pub fn start(
     mut launcher: LauncherConfig,
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    let data = config.data_dir();
+    // Absolute, because the sandbox is handed paths under it as its root
+    // and lower layers (`--data-dir data` is what a user types).
+    let data = std::path::absolute(config.data_dir())
+        .map_err(|e| Error::io("resolve the data directory", config.data_dir(), e))?;
     private_dir(&data)?;
     let trash = Arc::new(trash::Trash::start(&data.join("trash"))?);
     let cache = Arc::new(cache::BlobCache::open(

@@ -241,6 +241,12 @@ impl Executor {
         let finished = self.run_sandbox(req, cancel).await?;
         meta.execution_completed_timestamp = now();
         let outcome = finished.outcome.clone();
+        if base.is_empty()
+            && outcome.status == kiln_sandbox::ExitStatus::Exited(127)
+            && let Some(hint) = crate::hint::no_base_root(&command, &tree)
+        {
+            crate::hint::append(&scratch.stderr.read, &scratch.stderr.path, &hint)?;
+        }
         timings.sandbox_setup = outcome.setup;
         timings.run = outcome.wall;
         for w in &outcome.warnings {

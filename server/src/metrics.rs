@@ -25,6 +25,10 @@ use tracing::Instrument;
 /// The header REAPI clients attach `RequestMetadata` to.
 pub const REQUEST_METADATA_HEADER: &str = "build.bazel.remote.execution.v2.requestmetadata-bin";
 
+/// The name recc (up to at least its 2021 releases) sends `RequestMetadata`
+/// under instead: accepted too, so its actions are traceable in the logs.
+pub const SHORT_REQUEST_METADATA_HEADER: &str = "requestmetadata-bin";
+
 /// Buckets for RPC latencies: 100 µs to ~100 s (CAS calls are sub-ms on
 /// loopback, Execute streams last as long as the action).
 const RPC_BUCKETS: &[f64] = &[
@@ -270,18 +274,33 @@ fn method_label(path: &str) -> String {
     }
 }
 
-/// The `RequestMetadata` of an HTTP request, if a client sent one.
+/// The `RequestMetadata` of an HTTP request (or of a gRPC call's metadata,
+/// through its `AsRef<HeaderMap>`), if a client sent one under either name;
+/// the standard name wins when both are there.
 pub fn request_metadata_of(headers: &http::HeaderMap) -> Option<RequestMetadata> {
-    let value = headers.get(REQUEST_METADATA_HEADER)?;
-    // Binary metadata travels base64-encoded; tonic's metadata map decodes
-    // it (padded or not). Only this one header is copied.
-    let mut one = http::HeaderMap::with_capacity(1);
-    one.insert(REQUEST_METADATA_HEADER, value.clone());
-    let bytes = tonic::metadata::MetadataMap::from_headers(one)
-        .get_bin(REQUEST_METADATA_HEADER)?
-        .to_bytes()
-        .ok()?;
-    RequestMetadata::decode(bytes).ok()
+    [REQUEST_METADATA_HEADER, SHORT_REQUEST_METADATA_HEADER]
+        .into_iter()
+        .find_map(|name| {
+            let value = headers.get(name)?;
+            // Binary metadata travels base64-encoded; tonic's metadata map
+            // decodes it (padded or not). Only this one header is copied.
+            let mut one = http::HeaderMap::with_capacity(1);
+            one.insert(name, value.clone());
+            let bytes = tonic::metadata::MetadataMap::from_headers(one)
+                .get_bin(name)?
+                .to_bytes()
+                .ok()?;
+            RequestMetadata::decode(bytes).ok()
+        })
+}
+
+/// The client's tool as logged: `name version`, or empty.
+pub fn tool_label(md: &RequestMetadata) -> String {
+    md.tool_details.as_ref().map_or(String::new(), |t| {
+        format!("{} {}", t.tool_name, t.tool_version)
+            .trim()
+            .to_string()
+    })
 }
 
 /// A tower layer for the tonic server: counts and times every RPC by method
@@ -324,11 +343,7 @@ where
         let method = method_label(req.uri().path());
         let span = match request_metadata_of(req.headers()) {
             Some(md) => {
-                let tool = md.tool_details.as_ref().map_or(String::new(), |t| {
-                    format!("{} {}", t.tool_name, t.tool_version)
-                        .trim()
-                        .to_string()
-                });
+                let tool = tool_label(&md);
                 tracing::info_span!(
                     "rpc",
                     method = %method,
@@ -468,6 +483,32 @@ mod tests {
         let headers = map.into_headers();
         assert_eq!(request_metadata_of(&headers), Some(md));
         assert_eq!(request_metadata_of(&http::HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn request_metadata_is_read_from_recc_s_short_header_too() {
+        let md = |inv: &str| RequestMetadata {
+            tool_details: Some(kiln_proto::reapi::ToolDetails {
+                tool_name: "recc".into(),
+                tool_version: "ac04595e".into(),
+            }),
+            tool_invocation_id: inv.into(),
+            ..Default::default()
+        };
+        let mut map = tonic::metadata::MetadataMap::new();
+        map.insert_bin(
+            SHORT_REQUEST_METADATA_HEADER,
+            tonic::metadata::MetadataValue::from_bytes(&md("short").encode_to_vec()),
+        );
+        let got = request_metadata_of(map.as_ref()).expect("metadata under the short name");
+        assert_eq!(got, md("short"));
+        assert_eq!(tool_label(&got), "recc ac04595e");
+        // Both names: the standard one is what counts.
+        map.insert_bin(
+            REQUEST_METADATA_HEADER,
+            tonic::metadata::MetadataValue::from_bytes(&md("standard").encode_to_vec()),
+        );
+        assert_eq!(request_metadata_of(map.as_ref()), Some(md("standard")));
     }
 
     #[test]

@@ -80,6 +80,8 @@ pub fn kiln_cas_upload_dir(url: &str, dir: &Path) -> String {
 pub struct Proc {
     pub child: Child,
     pub addr: String,
+    /// The metrics and status address, when started with `--metrics-listen`.
+    pub metrics: String,
     pub log: PathBuf,
 }
 
@@ -87,8 +89,18 @@ impl Proc {
     /// Starts `kiln <args>` and waits for its "listening on" line (servers)
     /// or just starts it (workers, `wait_listen` false).
     pub fn start(args: &[&str], log: &Path, wait_listen: bool) -> Proc {
+        Self::start_in(None, args, log, wait_listen)
+    }
+
+    /// [`Proc::start`] in the working directory `cwd` (for relative paths
+    /// in `args`, as a user types them).
+    pub fn start_in(cwd: Option<&Path>, args: &[&str], log: &Path, wait_listen: bool) -> Proc {
         let log_file = std::fs::File::create(log).unwrap();
-        let mut child = Command::new(BIN)
+        let mut cmd = Command::new(BIN);
+        if let Some(cwd) = cwd {
+            cmd.current_dir(cwd);
+        }
+        let mut child = cmd
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -96,6 +108,9 @@ impl Proc {
             .spawn()
             .expect("spawn kiln");
         let mut addr = String::new();
+        let mut metrics = String::new();
+        // The metrics line comes after the gRPC one, when asked for.
+        let want_metrics = args.contains(&"--metrics-listen");
         if wait_listen {
             let stdout = child.stdout.take().unwrap();
             let mut reader = BufReader::new(stdout);
@@ -110,6 +125,10 @@ impl Proc {
                 }
                 if let Some(rest) = line.trim().strip_prefix("kiln: listening on ") {
                     addr = rest.to_string();
+                } else if let Some(rest) = line.trim().strip_prefix("kiln: metrics on ") {
+                    metrics = rest.to_string();
+                }
+                if !addr.is_empty() && (!want_metrics || !metrics.is_empty()) {
                     break;
                 }
             }
@@ -124,6 +143,7 @@ impl Proc {
         Proc {
             child,
             addr,
+            metrics,
             log: log.to_path_buf(),
         }
     }
@@ -470,4 +490,34 @@ pub async fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
+}
+
+/// A plain HTTP/1.0 GET (no client library needed; the server closes the
+/// connection after the response).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics port");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (status, body.to_string())
+}
+
+/// The value of one sample (`name{labels}` exactly as rendered), 0 if absent.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().unwrap())
+        })
+        .unwrap_or(0.0)
 }

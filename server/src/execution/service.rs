@@ -13,7 +13,6 @@ use kiln_proto::longrunning::{
 use kiln_proto::protobuf::Empty;
 use kiln_proto::reapi::execution_server::Execution;
 use kiln_proto::reapi::{ExecuteRequest, RequestMetadata, WaitExecutionRequest};
-use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::instances::Instances;
@@ -49,14 +48,28 @@ impl ExecutionService {
             valid,
         }
     }
+
+    /// Checks an Execute request and queues it (or answers it from the
+    /// action cache).
+    async fn accept(
+        &self,
+        req: &ExecuteRequest,
+        client: ClientInfo,
+    ) -> crate::error::Result<OpWatch> {
+        self.instances.check(&req.instance_name)?;
+        let checked = validate::check(&self.cas, &self.valid, &self.state.config, req).await?;
+        let priority = req.execution_policy.as_ref().map_or(0, |p| p.priority);
+        let (_, rx) = self
+            .state
+            .submit(checked, req.skip_cache_lookup, priority, client)
+            .await?;
+        Ok(rx)
+    }
 }
 
 /// The `RequestMetadata` a client attached, if any.
 pub fn request_metadata<T>(req: &Request<T>) -> Option<RequestMetadata> {
-    let bin = req
-        .metadata()
-        .get_bin("build.bazel.remote.execution.v2.requestmetadata-bin")?;
-    RequestMetadata::decode(bin.to_bytes().ok()?).ok()
+    crate::metrics::request_metadata_of(req.metadata().as_ref())
 }
 
 /// Streams an operation's states until it is done.
@@ -92,26 +105,34 @@ impl Execution for ExecutionService {
     ) -> Result<Response<Self::ExecuteStream>, Status> {
         let client = request_metadata(&request)
             .map(|m| ClientInfo {
-                tool: m
-                    .tool_details
-                    .map(|t| {
-                        format!("{} {}", t.tool_name, t.tool_version)
-                            .trim()
-                            .to_string()
-                    })
-                    .unwrap_or_default(),
+                tool: crate::metrics::tool_label(&m),
                 invocation: m.tool_invocation_id,
             })
             .unwrap_or_default();
         let req = request.into_inner();
-        self.instances.check(&req.instance_name)?;
-        let checked = validate::check(&self.cas, &self.valid, &self.state.config, &req).await?;
-        let priority = req.execution_policy.map_or(0, |p| p.priority);
-        let (_, rx) = self
-            .state
-            .submit(checked, req.skip_cache_lookup, priority, client)
-            .await?;
-        Ok(Response::new(stream(rx)))
+        match self.accept(&req, client).await {
+            Ok(rx) => Ok(Response::new(stream(rx))),
+            Err(e) => {
+                // A refused Execute fails a build: operators see it at the
+                // default level (the rpc span adds the client's tool and
+                // invocation id), not only as a metrics counter.
+                let status = e.into_status();
+                let action = req
+                    .action_digest
+                    .as_ref()
+                    .map_or("(none)".to_string(), |d| {
+                        format!("{}/{}", d.hash, d.size_bytes)
+                    });
+                tracing::warn!(
+                    action = %action,
+                    instance = %req.instance_name,
+                    code = ?status.code(),
+                    reason = %status.message(),
+                    "Execute refused"
+                );
+                Err(status)
+            }
+        }
     }
 
     async fn wait_execution(

@@ -496,12 +496,12 @@ impl ExecutionState {
                 .inflight
                 .insert((op.instance.clone(), op.action_digest), name.clone());
         }
+        // Logged before the scheduler may hand it to an idle worker at
+        // once, so "queued" always precedes "dispatched".
+        tracing::info!(operation = %name, action = %checked.action_digest, platform = %op.key, tool = %op.client.tool, invocation = %op.client.invocation, "queued");
         inner.ops.insert(name.clone(), op);
         if let Some(a) = inner.scheduler.enqueue(&name, key, rank) {
             self.dispatch(&mut inner, a);
-        }
-        if let Some(op) = inner.ops.get(&name) {
-            tracing::info!(operation = %name, action = %checked.action_digest, platform = %op.key, tool = %op.client.tool, invocation = %op.client.invocation, "queued");
         }
         Ok((name, rx))
     }
