@@ -208,7 +208,8 @@ checkpoint_interval_secs = 30
 max_batch_total_size_bytes = 4194304
 # Chunk size of ByteStream.Read (256 KiB).
 read_chunk_bytes = 262144
-# Seconds an interrupted ByteStream upload stays resumable.
+# Seconds an interrupted ByteStream upload stays resumable, and a silent
+# write stream stays open.
 upload_idle_timeout_secs = 600
 # Support and advertise zstd-compressed blobs.
 zstd = true

@@ -9,6 +9,7 @@
 mod common;
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use common::*;
@@ -257,4 +258,127 @@ async fn oci_layouts_and_tarballs_are_unpacked_once_and_never_changed() {
     assert!(status.message.contains("leaves the root"), "{status:?}");
     assert!(!unpacked.join("escape").exists());
     assert!(!tmp.path().join("data/worker-0/escape").exists());
+}
+
+/// An empty member of `kind` (a directory, or a link to `link`).
+fn raw_member(
+    b: &mut tar::Builder<Vec<u8>>,
+    name: &str,
+    kind: tar::EntryType,
+    link: &str,
+    mode: u32,
+) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(0);
+    if link.is_empty() {
+        b.append_data(&mut h, name, std::io::empty()).unwrap();
+    } else {
+        b.append_link(&mut h, name, link).unwrap();
+    }
+}
+
+/// Finding 5: image layers reach the host. A docker-save tarball whose
+/// manifest names a layer that is a symlink member made the worker unpack
+/// whatever host tar it pointed to; a layer that replaces a directory with
+/// a symlink to `/` made the worker apply the image's directory modes to
+/// host directories. Every image file is now reached through directory
+/// handles, members only as regular files inside the tarball.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_layers_never_reach_the_host() {
+    let Some(busybox) = busybox_root() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+
+    // A host tar the worker must never unpack, named by a symlink member.
+    let host_tar = tmp.path().join("host.tar");
+    {
+        let mut b = tar::Builder::new(std::fs::File::create(&host_tar).unwrap());
+        add_file(&mut b, "host-marker", b"read from the host\n");
+        b.finish().unwrap();
+    }
+    let pointing = images.join("pointing.tar");
+    {
+        let mut b = tar::Builder::new(Vec::new());
+        raw_member(
+            &mut b,
+            "layer0/layer.tar",
+            tar::EntryType::Symlink,
+            host_tar.to_str().unwrap(),
+            0o777,
+        );
+        add_file(&mut b, "config.json", b"{}");
+        add_file(
+            &mut b,
+            "manifest.json",
+            br#"[{"Config":"config.json","RepoTags":["kiln/evil:1"],"Layers":["layer0/layer.tar"]}]"#,
+        );
+        std::fs::write(&pointing, b.into_inner().unwrap()).unwrap();
+    }
+
+    // A host directory, private, that a layer's directory mode must not reach.
+    let victim = tmp.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let victim_rel = victim.strip_prefix("/").unwrap().to_str().unwrap();
+    let chmodding = images.join("chmodding.tar");
+    {
+        let mut modes = tar::Builder::new(Vec::new());
+        raw_member(
+            &mut modes,
+            &format!("evil/{victim_rel}/"),
+            tar::EntryType::Directory,
+            "",
+            0o777,
+        );
+        let mut swap = tar::Builder::new(Vec::new());
+        raw_member(&mut swap, "evil", tar::EntryType::Symlink, "/", 0o777);
+        docker_save(
+            &chmodding,
+            &[
+                base_layer(&busybox),
+                modes.into_inner().unwrap(),
+                swap.into_inner().unwrap(),
+            ],
+        );
+    }
+
+    let server = serve(
+        tmp.path(),
+        &[
+            "--workers",
+            "1",
+            "--image",
+            &format!("pointing={}", pointing.display()),
+            "--image",
+            &format!("chmodding={}", chmodding.display()),
+        ],
+    );
+    let ch = channel(&server.url()).await;
+    let empty = kiln_proto::digest::empty();
+
+    let mut spec = ActionSpec::shell(empty.clone(), "cat /host-marker");
+    spec.platform
+        .push(("container-image".into(), "pointing".into()));
+    let (_, resp) = run(&ch, &spec.upload(&ch).await).await;
+    let status = resp.status.unwrap_or_default();
+    assert_eq!(status.code, Code::FailedPrecondition as i32, "{status:?}");
+    assert!(
+        status.message.contains("layer0/layer.tar"),
+        "names the layer: {}",
+        status.message
+    );
+
+    let mut spec = ActionSpec::shell(empty, "ls -ld /evil");
+    spec.platform
+        .push(("container-image".into(), "chmodding".into()));
+    let (_, resp) = run(&ch, &spec.upload(&ch).await).await;
+    assert_eq!(resp.status.unwrap_or_default().code, 0);
+    assert_eq!(resp.result.unwrap().exit_code, 0);
+    let mode = std::fs::metadata(&victim).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700, "the host directory's mode is untouched");
 }

@@ -192,6 +192,32 @@ async fn a_deeply_nested_output_is_refused_and_the_service_survives() {
         "{}",
         err.message()
     );
+
+    // Nor one that names the same directory twice at each of 64 levels: a
+    // few kilobytes of Directory messages, 2^64 directories once staged.
+    let mut blobs = Vec::new();
+    let mut child = kiln_proto::digest::empty();
+    for _ in 0..64 {
+        let node = |name: &str| kiln_proto::reapi::DirectoryNode {
+            name: name.into(),
+            digest: Some(child.clone()),
+        };
+        let (d, b) = directory(&kiln_proto::reapi::Directory {
+            directories: vec![node("a"), node("b")],
+            ..Default::default()
+        });
+        blobs.push((d.clone(), b));
+        child = d;
+    }
+    upload(&ch, blobs).await;
+    let action = ActionSpec::shell(child.clone(), "true").upload(&ch).await;
+    let err = execute(&ch, &action, true).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("expands to more than"),
+        "{}",
+        err.message()
+    );
 }
 
 /// Finding 3 (worker side): an action may `chmod 4755` what it owns, its
@@ -454,4 +480,124 @@ async fn nul_bytes_are_invalid_arguments_at_execute_naming_the_field() {
             err.message()
         );
     }
+}
+
+/// A ByteStream write of `data` as `digest`, its requests fed by the
+/// returned sender (dropping it ends the client's side of the stream).
+fn bytestream_write(
+    ch: &tonic::transport::Channel,
+) -> (
+    tokio::sync::mpsc::Sender<kiln_proto::bytestream::WriteRequest>,
+    tokio::task::JoinHandle<Result<i64, tonic::Status>>,
+) {
+    use kiln_proto::bytestream::byte_stream_client::ByteStreamClient;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut client = ByteStreamClient::new(ch.clone());
+    let call = tokio::spawn(async move {
+        client
+            .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map(|r| r.into_inner().committed_size)
+    });
+    (tx, call)
+}
+
+/// Sends `data[from..to]` of an upload of `digest` in 1 MiB pieces.
+async fn send_range(
+    tx: &tokio::sync::mpsc::Sender<kiln_proto::bytestream::WriteRequest>,
+    name: &str,
+    data: &[u8],
+    from: usize,
+    to: usize,
+) {
+    let mut at = from;
+    while at < to {
+        let end = (at + (1 << 20)).min(to);
+        let req = kiln_proto::bytestream::WriteRequest {
+            resource_name: if at == 0 {
+                name.to_string()
+            } else {
+                String::new()
+            },
+            write_offset: at as i64,
+            finish_write: end == data.len(),
+            data: data[at..end].to_vec(),
+        };
+        if tx.send(req).await.is_err() {
+            return; // the server ended the call; its answer says why
+        }
+        at = end;
+    }
+}
+
+/// Finding 9: abandoned ByteStream uploads were never counted against the
+/// storage limit, and a write stream held open was never swept, so a client
+/// could keep any amount of disk outside `max_size`. Uploads in progress
+/// now hold their size against the limit, and a stream that stays silent
+/// for `cas.upload_idle_timeout_secs` is ended and its data dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_in_progress_count_against_the_limit_and_idle_ones_are_swept() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kiln.toml");
+    std::fs::write(
+        &config,
+        "[storage]\nmax_size_bytes = 67108864\n[cas]\nupload_idle_timeout_secs = 5\n",
+    )
+    .unwrap();
+    let server = serve(
+        dir.path(),
+        &["--workers", "0", "--config", config.to_str().unwrap()],
+    );
+    let ch = channel(&server.url()).await;
+    let blob = |seed: u8| -> (Vec<u8>, String) {
+        let data = vec![seed; 48 << 20];
+        let d = kiln_proto::digest::of_bytes(&data);
+        let name = format!(
+            "uploads/{}/blobs/{}/{}",
+            uuid::Uuid::new_v4(),
+            d.hash,
+            d.size_bytes
+        );
+        (data, name)
+    };
+
+    let (a_data, a_name) = blob(1);
+    let (b_data, b_name) = blob(2);
+
+    // A: 40 of its 48 MiB sent, then the client goes silent, stream open.
+    let (a_tx, a_call) = bytestream_write(&ch);
+    send_range(&a_tx, &a_name, &a_data, 0, 40 << 20).await;
+
+    // B: 48 MiB more would put the storage over its 64 MiB while A holds
+    // its space: refused, as retryable.
+    let (b_tx, b_call) = bytestream_write(&ch);
+    send_range(&b_tx, &b_name, &b_data, 0, b_data.len()).await;
+    drop(b_tx);
+    let err = match b_call.await.unwrap() {
+        Err(e) => e,
+        Ok(n) => panic!(
+            "no room while A holds its space, yet {n} bytes were taken: {}",
+            server.log_text()
+        ),
+    };
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("in progress"), "{}", err.message());
+
+    // A silent stream is ended by the server after the idle timeout, even
+    // though the client never closes it, and its space is released.
+    let ended = tokio::time::timeout(Duration::from_secs(30), a_call)
+        .await
+        .expect("the server ends a silent upload")
+        .unwrap();
+    let status = ended.expect_err("an unfinished upload is not a success");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    drop(a_tx);
+
+    // Now B fits.
+    let (b_tx, b_call) = bytestream_write(&ch);
+    let (_, b_retry_name) = blob(2);
+    send_range(&b_tx, &b_retry_name, &b_data, 0, b_data.len()).await;
+    drop(b_tx);
+    assert_eq!(b_call.await.unwrap().unwrap(), 48 << 20);
+    let _ = b_name;
 }

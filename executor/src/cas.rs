@@ -111,6 +111,10 @@ impl CasClient {
             page_token = next;
         }
         // Walk from the root; fetch by digest whatever the re-encoding missed.
+        // Each distinct directory once: a tree that names the same
+        // directory twice at every level must not make this walk explode.
+        let mut seen = std::collections::HashSet::new();
+        seen.insert(root.hash.clone());
         let mut pending = vec![root.clone()];
         while !pending.is_empty() {
             let absent: Vec<Digest> = pending
@@ -132,7 +136,12 @@ impl CasClient {
             let mut children = Vec::new();
             for d in &pending {
                 if let Some(dir) = found.get(&d.hash) {
-                    children.extend(dir.directories.iter().filter_map(|n| n.digest.clone()));
+                    children.extend(
+                        dir.directories
+                            .iter()
+                            .filter_map(|n| n.digest.clone())
+                            .filter(|c| seen.insert(c.hash.clone())),
+                    );
                 }
             }
             pending = children;

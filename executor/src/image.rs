@@ -4,16 +4,36 @@
 //!
 //! Layers are applied in order with the OCI whiteout rules (`.wh.NAME`
 //! deletes NAME from the layers below, `.wh..wh..opq` empties its directory
-//! of what the layers below put there). Every path is resolved inside the
-//! root without following symlinks, so no entry can write outside it: a
-//! layer is untrusted input.
+//! of what the layers below put there). An image is untrusted input, so all
+//! work on it goes through directory handles, never path strings:
+//!
+//! * manifests, indexes and layer blobs are opened relative to the layout
+//!   (or the unpacked tarball) with `openat2(RESOLVE_IN_ROOT)`: a symlink
+//!   member resolves inside the image, never to a host file, and what opens
+//!   must be a regular file;
+//! * a layer's members are created relative to a handle of the root, one
+//!   component at a time with `O_NOFOLLOW`; a member that goes through a
+//!   symlink is refused;
+//! * directory modes, applied once all layers are in, are set through a
+//!   handle opened with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`: a directory
+//!   a later layer replaced with a symlink (to `/`, say) is skipped, never
+//!   followed to the host.
 
 use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{BufReader, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
+use kiln_proto::tree::MAX_DEPTH;
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat, openat2};
+use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat, mkdirat};
+use nix::unistd::{UnlinkatFlags, linkat, symlinkat, unlinkat};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
@@ -60,7 +80,8 @@ pub fn prepare(name: &str, source: &ImageSource, cache: &Path) -> Result<PathBuf
     match source {
         ImageSource::Rootfs(dir) => Ok(dir.clone()),
         ImageSource::OciLayout(dir) => {
-            let (key, layers) = oci_layers(name, dir)?;
+            let layout = Dir::open(dir, dir)?;
+            let (key, layers) = oci_layers(name, &layout)?;
             unpack_cached(cache, &key, &layers)
         }
         ImageSource::Tarball(file) => {
@@ -75,11 +96,12 @@ pub fn prepare(name: &str, source: &ImageSource, cache: &Path) -> Result<PathBuf
             fs::create_dir_all(&scratch).map_err(|e| Error::io("create", &scratch, e))?;
             let result = (|| {
                 let f = File::open(file).map_err(|e| Error::io("open image", file, e))?;
-                apply_layer(tar::Archive::new(decompress(f, file)?), &scratch, file)?;
-                let layers = if scratch.join("manifest.json").is_file() {
-                    docker_layers(&scratch)?
-                } else if scratch.join("index.json").is_file() {
-                    oci_layers(name, &scratch)?.1
+                let unpacked = Dir::open(&scratch, file)?;
+                apply_layer(tar::Archive::new(decompress(f, file)?), &unpacked, file)?;
+                let layers = if unpacked.has_file("manifest.json") {
+                    docker_layers(&unpacked)?
+                } else if unpacked.has_file("index.json") {
+                    oci_layers(name, &unpacked)?.1
                 } else {
                     return Err(bad(
                         file,
@@ -94,9 +116,84 @@ pub fn prepare(name: &str, source: &ImageSource, cache: &Path) -> Result<PathBuf
     }
 }
 
-/// Applies `layers` (paths of layer blobs, bottom first) into
-/// `cache/<key>/rootfs` unless that is already done.
-fn unpack_cached(cache: &Path, key: &str, layers: &[PathBuf]) -> Result<PathBuf> {
+/// A directory everything of an image is reached through, and the path
+/// it stands for in messages.
+#[derive(Debug, Clone)]
+struct Dir {
+    fd: Arc<OwnedFd>,
+    label: PathBuf,
+}
+
+impl Dir {
+    /// Opens `path` (a directory Kiln was configured with or made itself).
+    fn open(path: &Path, label: &Path) -> Result<Dir> {
+        let fd = nix::fcntl::open(
+            path,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("open", path, e.into()))?;
+        Ok(Dir {
+            fd: Arc::new(owned(fd)),
+            label: label.to_path_buf(),
+        })
+    }
+
+    /// A regular file inside: symlinks are followed, but only inside the
+    /// directory, as if it were `/`.
+    fn file(&self, rel: &Path) -> Result<File> {
+        let how = OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)
+            .resolve(
+                ResolveFlag::RESOLVE_IN_ROOT
+                    | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                    | ResolveFlag::RESOLVE_NO_XDEV,
+            );
+        let fd = openat2(self.fd.as_raw_fd(), rel, how).map_err(|e| {
+            let why = match e {
+                Errno::ENOENT => "is not in the image".to_string(),
+                e => e.desc().to_string(),
+            };
+            bad(&self.label, format!("{}: {why}", rel.display()))
+        })?;
+        // SAFETY: openat2 returned a fresh descriptor that nothing else owns.
+        let f = unsafe { File::from_raw_fd(fd) };
+        let st = fstat(f.as_raw_fd()).map_err(|e| Error::io("stat", rel, e.into()))?;
+        if file_type(&st) != SFlag::S_IFREG {
+            return Err(bad(
+                &self.label,
+                format!("{} is not a regular file", rel.display()),
+            ));
+        }
+        Ok(f)
+    }
+
+    fn has_file(&self, rel: &str) -> bool {
+        self.file(Path::new(rel)).is_ok()
+    }
+}
+
+/// One layer: a regular file inside an image directory.
+#[derive(Debug, Clone)]
+struct Layer {
+    dir: Dir,
+    rel: PathBuf,
+}
+
+impl Layer {
+    fn open(&self) -> Result<File> {
+        self.dir.file(&self.rel)
+    }
+
+    /// How messages name it.
+    fn label(&self) -> PathBuf {
+        self.dir.label.join(&self.rel)
+    }
+}
+
+/// Applies `layers` (bottom first) into `cache/<key>/rootfs` unless that is
+/// already done.
+fn unpack_cached(cache: &Path, key: &str, layers: &[Layer]) -> Result<PathBuf> {
     let dest = cache.join(key);
     if dest.join(".done").exists() {
         return Ok(dest.join("rootfs"));
@@ -105,18 +202,18 @@ fn unpack_cached(cache: &Path, key: &str, layers: &[PathBuf]) -> Result<PathBuf>
     let rootfs = tmp.join("rootfs");
     fs::create_dir_all(&rootfs).map_err(|e| Error::io("create", &rootfs, e))?;
     let result = (|| {
+        let root = Dir::open(&rootfs, &rootfs)?;
         let mut dirs = DirModes::default();
         for layer in layers {
             // Whiteouts hide what the layers below put there, never what
             // this layer adds: remove first, then extract.
-            let open = || -> Result<_> {
-                let f = File::open(layer).map_err(|e| Error::io("open layer", layer, e))?;
-                Ok(tar::Archive::new(decompress(f, layer)?))
-            };
-            apply_whiteouts(open()?, &rootfs, layer)?;
-            dirs.merge(apply_layer(open()?, &rootfs, layer)?);
+            let label = layer.label();
+            let open =
+                || -> Result<_> { Ok(tar::Archive::new(decompress(layer.open()?, &label)?)) };
+            apply_whiteouts(open()?, &root, &label)?;
+            dirs.merge(apply_layer(open()?, &root, &label)?);
         }
-        dirs.apply(&rootfs);
+        dirs.apply(&root);
         File::create(tmp.join(".done")).map_err(|e| Error::io("mark image unpacked", &tmp, e))?;
         if let Err(e) = fs::rename(&tmp, &dest) {
             // Another worker of this data directory won the race: use its.
@@ -153,8 +250,12 @@ fn decompress(f: File, path: &Path) -> Result<Box<dyn Read>> {
 
 fn sha256_file(path: &Path) -> Result<String> {
     let mut f = File::open(path).map_err(|e| Error::io("open", path, e))?;
+    sha256_of(&mut f, path)
+}
+
+fn sha256_of(f: &mut File, label: &Path) -> Result<String> {
     let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(|e| Error::io("read", path, e))?;
+    std::io::copy(f, &mut h).map_err(|e| Error::io("read", label, e))?;
     Ok(hex(&h.finalize()))
 }
 
@@ -198,30 +299,40 @@ struct DockerManifest {
 }
 
 /// A blob of an OCI layout, checked against its digest.
-fn blob_path(layout: &Path, digest: &str) -> Result<PathBuf> {
+fn blob(layout: &Dir, digest: &str) -> Result<Layer> {
     let (alg, hash) = digest
         .split_once(':')
-        .ok_or_else(|| bad(layout, format!("malformed digest {digest:?}")))?;
+        .ok_or_else(|| bad(&layout.label, format!("malformed digest {digest:?}")))?;
     if alg != "sha256" || hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad(
-            layout,
+            &layout.label,
             format!("unsupported digest {digest:?} (sha256 only)"),
         ));
     }
-    let path = layout.join("blobs").join(alg).join(hash);
-    let actual = sha256_file(&path)?;
+    let layer = Layer {
+        dir: layout.clone(),
+        rel: Path::new("blobs").join(alg).join(hash),
+    };
+    let actual = sha256_of(&mut layer.open()?, &layer.label())?;
     if actual != hash.to_ascii_lowercase() {
         return Err(bad(
-            layout,
+            &layout.label,
             format!("blob {digest} is corrupt (its content hashes to {actual})"),
         ));
     }
-    Ok(path)
+    Ok(layer)
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path, layout: &Path) -> Result<T> {
-    let bytes = fs::read(path).map_err(|e| Error::io("read", path, e))?;
-    serde_json::from_slice(&bytes).map_err(|e| bad(layout, format!("{}: {e}", path.display())))
+/// Manifests and indexes are small; anything far larger is not one.
+const JSON_LIMIT: u64 = 64 << 20;
+
+fn read_json<T: serde::de::DeserializeOwned>(dir: &Dir, rel: &Path) -> Result<T> {
+    let mut bytes = Vec::new();
+    dir.file(rel)?
+        .take(JSON_LIMIT)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io("read", dir.label.join(rel), e))?;
+    serde_json::from_slice(&bytes).map_err(|e| bad(&dir.label, format!("{}: {e}", rel.display())))
 }
 
 fn host_arch() -> &'static str {
@@ -265,9 +376,9 @@ fn pick<'a>(name: &str, layout: &Path, manifests: &'a [Descriptor]) -> Result<&'
 }
 
 /// The manifest digest (the cache key) and layer blobs of an OCI layout.
-fn oci_layers(name: &str, layout: &Path) -> Result<(String, Vec<PathBuf>)> {
-    let index: Index = read_json(&layout.join("index.json"), layout)?;
-    let picked = pick(name, layout, &index.manifests)?;
+fn oci_layers(name: &str, layout: &Dir) -> Result<(String, Vec<Layer>)> {
+    let index: Index = read_json(layout, Path::new("index.json"))?;
+    let picked = pick(name, &layout.label, &index.manifests)?;
     let (mut media_type, mut digest) = (picked.media_type.clone(), picked.digest.clone());
     // An index may point to a further index (a multi-platform image).
     for _ in 0..4 {
@@ -276,26 +387,27 @@ fn oci_layers(name: &str, layout: &Path) -> Result<(String, Vec<PathBuf>)> {
         {
             break;
         }
-        let nested: Index = read_json(&blob_path(layout, &digest)?, layout)?;
-        let picked = pick(name, layout, &nested.manifests)?;
+        let nested: Index = read_json(layout, &blob(layout, &digest)?.rel)?;
+        let picked = pick(name, &layout.label, &nested.manifests)?;
         (media_type, digest) = (picked.media_type.clone(), picked.digest.clone());
     }
-    let manifest: Manifest = read_json(&blob_path(layout, &digest)?, layout)?;
+    let manifest: Manifest = read_json(layout, &blob(layout, &digest)?.rel)?;
     let layers = manifest
         .layers
         .iter()
-        .map(|l| blob_path(layout, &l.digest))
+        .map(|l| blob(layout, &l.digest))
         .collect::<Result<Vec<_>>>()?;
     let key = digest.replace(':', "-");
     Ok((key, layers))
 }
 
-/// The layer files of an unpacked `docker save` tarball, bottom first.
-fn docker_layers(dir: &Path) -> Result<Vec<PathBuf>> {
-    let manifests: Vec<DockerManifest> = read_json(&dir.join("manifest.json"), dir)?;
+/// The layer files of an unpacked `docker save` tarball, bottom first,
+/// each checked to be a regular file of the tarball.
+fn docker_layers(dir: &Dir) -> Result<Vec<Layer>> {
+    let manifests: Vec<DockerManifest> = read_json(dir, Path::new("manifest.json"))?;
     let [m] = manifests.as_slice() else {
         return Err(bad(
-            dir,
+            &dir.label,
             format!(
                 "manifest.json lists {} images; save exactly one",
                 manifests.len()
@@ -305,8 +417,15 @@ fn docker_layers(dir: &Path) -> Result<Vec<PathBuf>> {
     m.layers
         .iter()
         .map(|l| {
-            let rel = clean(Path::new(l)).ok_or_else(|| bad(dir, format!("layer path {l:?}")))?;
-            Ok(dir.join(rel))
+            let rel = clean(Path::new(l))
+                .filter(|r| !r.as_os_str().is_empty())
+                .ok_or_else(|| bad(&dir.label, format!("layer path {l:?}")))?;
+            let layer = Layer {
+                dir: dir.clone(),
+                rel,
+            };
+            layer.open()?;
+            Ok(layer)
         })
         .collect()
 }
@@ -325,66 +444,139 @@ fn clean(path: &Path) -> Option<PathBuf> {
     Some(out)
 }
 
-/// Makes sure every directory leading to `rel` exists inside `root` as a
-/// real directory (a file in the way is replaced, as a later layer's
-/// directory replaces it) and refuses to go through a symlink, which could
-/// point anywhere on the worker.
-fn parent_dirs(root: &Path, rel: &Path, layer: &Path) -> Result<PathBuf> {
-    let mut at = root.to_path_buf();
-    if let Some(parent) = rel.parent() {
-        for c in parent.components() {
-            at.push(c);
-            match fs::symlink_metadata(&at) {
-                Ok(m) if m.is_dir() => {}
-                Ok(m) if m.file_type().is_symlink() => {
+fn owned(fd: RawFd) -> OwnedFd {
+    // SAFETY: callers pass descriptors they just received from the kernel.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+fn file_type(st: &FileStat) -> SFlag {
+    SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())
+}
+
+fn lstat_at(dir: &OwnedFd, name: &OsStr) -> nix::Result<FileStat> {
+    fstatat(Some(dir.as_raw_fd()), name, AtFlags::AT_SYMLINK_NOFOLLOW)
+}
+
+fn open_dir_at(dir: &OwnedFd, name: &OsStr) -> nix::Result<OwnedFd> {
+    openat(
+        Some(dir.as_raw_fd()),
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map(owned)
+}
+
+/// A directory below the root by a relative path, with no symlink on the
+/// way (`ELOOP` then). `""` is the root itself.
+fn dir_beneath(root: &Dir, rel: &Path) -> nix::Result<OwnedFd> {
+    let rel = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    // RESOLVE_NO_SYMLINKS covers the last component too (ELOOP).
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                | ResolveFlag::RESOLVE_NO_XDEV,
+        );
+    openat2(root.fd.as_raw_fd(), rel, how).map(owned)
+}
+
+fn io_at(context: &'static str, rel: &Path, e: Errno) -> Error {
+    Error::io(context, rel, e.into())
+}
+
+/// The directory that will hold member `rel`, made (a file in the way is
+/// replaced, as a later layer's directory replaces it) one component at a
+/// time; going through a symlink, which could point anywhere, is refused.
+/// Returns it and the member's own name.
+fn parent_dirs(root: &Dir, rel: &Path, layer: &Path) -> Result<(OwnedFd, OsString)> {
+    let name = rel
+        .file_name()
+        .ok_or_else(|| bad(layer, format!("member {rel:?} has no name")))?
+        .to_os_string();
+    let mut cur = nix::unistd::dup(root.fd.as_raw_fd())
+        .map(owned)
+        .map_err(|e| io_at("dup", &root.label, e))?;
+    let mut at = PathBuf::new();
+    for c in rel.parent().unwrap_or(Path::new("")).components() {
+        let c = c.as_os_str();
+        at.push(c);
+        cur = match open_dir_at(&cur, c) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => {
+                mkdirat(Some(cur.as_raw_fd()), c, Mode::from_bits_truncate(0o755))
+                    .map_err(|e| io_at("create", &at, e))?;
+                open_dir_at(&cur, c).map_err(|e| io_at("open", &at, e))?
+            }
+            Err(Errno::ENOTDIR | Errno::ELOOP) => {
+                let st = lstat_at(&cur, c).map_err(|e| io_at("stat", &at, e))?;
+                if file_type(&st) == SFlag::S_IFLNK {
                     return Err(bad(
                         layer,
                         format!(
                             "member {} goes through the symlink {}",
                             rel.display(),
-                            at.strip_prefix(root).unwrap_or(&at).display()
+                            at.display()
                         ),
                     ));
                 }
-                Ok(_) => {
-                    fs::remove_file(&at).map_err(|e| Error::io("replace", &at, e))?;
-                    fs::create_dir(&at).map_err(|e| Error::io("create", &at, e))?;
-                }
-                Err(_) => fs::create_dir(&at).map_err(|e| Error::io("create", &at, e))?,
+                unlinkat(Some(cur.as_raw_fd()), c, UnlinkatFlags::NoRemoveDir)
+                    .map_err(|e| io_at("replace", &at, e))?;
+                mkdirat(Some(cur.as_raw_fd()), c, Mode::from_bits_truncate(0o755))
+                    .map_err(|e| io_at("create", &at, e))?;
+                open_dir_at(&cur, c).map_err(|e| io_at("open", &at, e))?
             }
-        }
+            Err(e) => return Err(io_at("open", &at, e)),
+        };
     }
-    Ok(root.join(rel))
+    Ok((cur, name))
 }
 
-/// `rel` inside `root` if every component of it is a real directory;
-/// `None` if one is missing or not a directory; an error if one is a
-/// symlink (which could point anywhere on the worker).
-fn existing_dir(root: &Path, rel: &Path, layer: &Path) -> Result<Option<PathBuf>> {
-    let mut at = root.to_path_buf();
-    for c in rel.components() {
-        at.push(c);
-        match fs::symlink_metadata(&at) {
-            Ok(m) if m.is_dir() => {}
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(bad(
-                    layer,
-                    format!("whiteout in {} goes through a symlink", rel.display()),
-                ));
-            }
-            _ => return Ok(None),
-        }
-    }
-    Ok(Some(at))
-}
-
-fn remove_any(path: &Path) -> Result<()> {
-    let r = match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(_) => return Ok(()),
+/// Removes `name` from `dir`, a directory with everything in it. Trees
+/// here come from members at most [`MAX_DEPTH`] deep, which bounds the
+/// recursion.
+fn remove_at(dir: &OwnedFd, name: &OsStr, rel: &Path, depth: usize) -> Result<()> {
+    let st = match lstat_at(dir, name) {
+        Ok(st) => st,
+        Err(Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(io_at("stat", rel, e)),
     };
-    r.map_err(|e| Error::io("remove", path, e))
+    if file_type(&st) != SFlag::S_IFDIR {
+        return unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir)
+            .map_err(|e| io_at("remove", rel, e));
+    }
+    if depth > MAX_DEPTH + 1 {
+        return Err(Error::Internal(format!(
+            "removing {}: nested deeper than any member can be",
+            rel.display()
+        )));
+    }
+    let sub = open_dir_at(dir, name).map_err(|e| io_at("open", rel, e))?;
+    for child in list(&sub).map_err(|e| io_at("list", rel, e))? {
+        remove_at(&sub, &child, &rel.join(&child), depth + 1)?;
+    }
+    unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::RemoveDir)
+        .map_err(|e| io_at("remove", rel, e))
+}
+
+fn list(dir: &OwnedFd) -> nix::Result<Vec<OsString>> {
+    let dup = nix::unistd::dup(dir.as_raw_fd())?;
+    let mut d = nix::dir::Dir::from_fd(dup)?;
+    let mut out = Vec::new();
+    for e in d.iter() {
+        let e = e?;
+        let name = e.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            out.push(OsStr::from_bytes(name).to_os_string());
+        }
+    }
+    Ok(out)
 }
 
 /// Where a link member points, or why it cannot be used.
@@ -401,7 +593,22 @@ fn link_target<R: Read>(
         .ok_or_else(|| bad(layer, format!("{what} {raw:?} without a target")))
 }
 
-fn apply_whiteouts<R: Read>(mut archive: tar::Archive<R>, root: &Path, layer: &Path) -> Result<()> {
+/// A member's path, relative and no deeper than Kiln handles.
+fn member_path(raw: &Path, layer: &Path) -> Result<PathBuf> {
+    let rel = clean(raw).ok_or_else(|| bad(layer, format!("member {raw:?} leaves the root")))?;
+    if rel.components().count() > MAX_DEPTH + 1 {
+        return Err(bad(
+            layer,
+            format!(
+                "member {:?} is nested deeper than {MAX_DEPTH} levels, the most Kiln handles",
+                raw
+            ),
+        ));
+    }
+    Ok(rel)
+}
+
+fn apply_whiteouts<R: Read>(mut archive: tar::Archive<R>, root: &Dir, layer: &Path) -> Result<()> {
     let entries = archive
         .entries()
         .map_err(|e| Error::io("read layer", layer, e))?;
@@ -417,21 +624,26 @@ fn apply_whiteouts<R: Read>(mut archive: tar::Archive<R>, root: &Path, layer: &P
         let Some(hidden) = name.strip_prefix(".wh.") else {
             continue;
         };
-        let rel =
-            clean(&raw).ok_or_else(|| bad(layer, format!("member {raw:?} leaves the root")))?;
+        let rel = member_path(&raw, layer)?;
         let dir_rel = rel.parent().unwrap_or(Path::new(""));
         // Whiteouts in directories the layers below never made are no-ops.
-        let Some(dir) = existing_dir(root, dir_rel, layer)? else {
-            continue;
+        let dir = match dir_beneath(root, dir_rel) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT | Errno::ENOTDIR) => continue,
+            Err(Errno::ELOOP | Errno::EXDEV) => {
+                return Err(bad(
+                    layer,
+                    format!("whiteout in {} goes through a symlink", dir_rel.display()),
+                ));
+            }
+            Err(e) => return Err(io_at("open", dir_rel, e)),
         };
         if hidden == ".wh..opq" {
-            if let Ok(list) = fs::read_dir(&dir) {
-                for e in list.flatten() {
-                    remove_any(&e.path())?;
-                }
+            for child in list(&dir).map_err(|e| io_at("list", dir_rel, e))? {
+                remove_at(&dir, &child, &dir_rel.join(&child), 0)?;
             }
         } else if !hidden.is_empty() && hidden != "." && hidden != ".." {
-            remove_any(&dir.join(hidden))?;
+            remove_at(&dir, OsStr::new(hidden), &dir_rel.join(hidden), 0)?;
         }
     }
     Ok(())
@@ -448,14 +660,16 @@ impl DirModes {
         self.0.extend(other.0);
     }
 
-    fn apply(self, root: &Path) {
+    /// Sets each mode through a handle of the directory itself, reached
+    /// without any symlink: one that a later layer replaced with a symlink
+    /// is skipped, not followed.
+    fn apply(self, root: &Dir) {
         let mut dirs: Vec<_> = self.0.into_iter().collect();
         // Deepest first, so a parent becomes read-only last.
         dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
         for (rel, mode) in dirs {
-            let path = root.join(rel);
-            if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
-                let _ = fs::set_permissions(&path, fs::Permissions::from_mode(mode));
+            if let Ok(fd) = dir_beneath(root, &rel) {
+                let _ = nix::sys::stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(mode));
             }
         }
     }
@@ -467,7 +681,7 @@ const MODE_MASK: u32 = 0o1777;
 
 fn apply_layer<R: Read>(
     mut archive: tar::Archive<R>,
-    root: &Path,
+    root: &Dir,
     layer: &Path,
 ) -> Result<DirModes> {
     let mut modes = DirModes::default();
@@ -487,8 +701,7 @@ fn apply_layer<R: Read>(
         {
             continue;
         }
-        let rel =
-            clean(&raw).ok_or_else(|| bad(layer, format!("member {raw:?} leaves the root")))?;
+        let rel = member_path(&raw, layer)?;
         let mode = entry.header().mode().unwrap_or(0o644) & MODE_MASK;
         let kind = entry.header().entry_type();
         if rel.as_os_str().is_empty() {
@@ -497,41 +710,67 @@ fn apply_layer<R: Read>(
             }
             continue;
         }
-        let path = parent_dirs(root, &rel, layer)?;
-        let existing = fs::symlink_metadata(&path).ok();
+        let (parent, name) = parent_dirs(root, &rel, layer)?;
+        let existing = lstat_at(&parent, &name).ok();
         if kind.is_dir() {
             match existing {
-                Some(m) if m.is_dir() => {}
-                Some(_) => {
-                    remove_any(&path)?;
-                    fs::create_dir(&path).map_err(|e| Error::io("create", &path, e))?;
+                Some(st) if file_type(&st) == SFlag::S_IFDIR => {}
+                other => {
+                    if other.is_some() {
+                        remove_at(&parent, &name, &rel, 0)?;
+                    }
+                    mkdirat(
+                        Some(parent.as_raw_fd()),
+                        name.as_os_str(),
+                        Mode::from_bits_truncate(0o755),
+                    )
+                    .map_err(|e| io_at("create", &rel, e))?;
                 }
-                None => fs::create_dir(&path).map_err(|e| Error::io("create", &path, e))?,
             }
             modes.0.insert(rel, mode);
             continue;
         }
         if existing.is_some() {
-            remove_any(&path)?;
+            remove_at(&parent, &name, &rel, 0)?;
         }
         if kind.is_file() || kind == tar::EntryType::Continuous {
-            let mut f = File::create(&path).map_err(|e| Error::io("create", &path, e))?;
-            std::io::copy(&mut entry, &mut f).map_err(|e| Error::io("write", &path, e))?;
+            let fd = openat(
+                Some(parent.as_raw_fd()),
+                name.as_os_str(),
+                OFlag::O_WRONLY
+                    | OFlag::O_CREAT
+                    | OFlag::O_EXCL
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o600),
+            )
+            .map_err(|e| io_at("create", &rel, e))?;
+            // SAFETY: openat returned a fresh descriptor that nothing else owns.
+            let mut f = unsafe { File::from_raw_fd(fd) };
+            std::io::copy(&mut entry, &mut f).map_err(|e| Error::io("write", &rel, e))?;
             f.set_permissions(fs::Permissions::from_mode(mode))
-                .map_err(|e| Error::io("chmod", &path, e))?;
+                .map_err(|e| Error::io("chmod", &rel, e))?;
         } else if kind.is_symlink() {
             // The target is only ever read inside the sandbox, where `/` is
             // the image: absolute and `..` targets are fine as they are.
             let target = link_target(&entry, layer, &raw, "symlink")?;
-            std::os::unix::fs::symlink(&target, &path)
-                .map_err(|e| Error::io("symlink", &path, e))?;
+            symlinkat(&target, Some(parent.as_raw_fd()), name.as_os_str())
+                .map_err(|e| io_at("symlink", &rel, e))?;
         } else if kind.is_hard_link() {
             let target = link_target(&entry, layer, &raw, "hard link")?;
             let target_rel = clean(&target)
                 .filter(|t| !t.as_os_str().is_empty())
                 .ok_or_else(|| bad(layer, format!("hard link {raw:?} points outside the root")))?;
-            let source = parent_dirs(root, &target_rel, layer)?;
-            fs::hard_link(&source, &path).map_err(|e| Error::io("hard link", &path, e))?;
+            let (source_dir, source_name) = parent_dirs(root, &target_rel, layer)?;
+            // Without AT_SYMLINK_FOLLOW: a symlink is linked as itself.
+            linkat(
+                Some(source_dir.as_raw_fd()),
+                source_name.as_os_str(),
+                Some(parent.as_raw_fd()),
+                name.as_os_str(),
+                AtFlags::empty(),
+            )
+            .map_err(|e| io_at("hard link", &rel, e))?;
         } else {
             // Devices and FIFOs: the sandbox brings its own /dev, and an
             // unprivileged worker could not make them anyway.
@@ -583,11 +822,23 @@ mod tests {
             fs::write(&p, l).unwrap();
             paths.push(p);
         }
-        let r = unpack_cached(&dir.path().join("cache"), "key", &paths);
+        let layers = as_layers(dir.path(), &paths);
+        let r = unpack_cached(&dir.path().join("cache"), "key", &layers);
         (dir, r)
     }
 
     use tar::EntryType as T;
+
+    fn as_layers(dir: &Path, paths: &[PathBuf]) -> Vec<Layer> {
+        let d = Dir::open(dir, dir).unwrap();
+        paths
+            .iter()
+            .map(|p| Layer {
+                dir: d.clone(),
+                rel: p.strip_prefix(dir).unwrap().to_path_buf(),
+            })
+            .collect()
+    }
 
     #[test]
     fn layers_apply_in_order_with_whiteouts() {
@@ -660,14 +911,71 @@ mod tests {
     }
 
     #[test]
+    fn directory_modes_never_follow_a_symlink_a_later_layer_made() {
+        let host = tempfile::tempdir().unwrap();
+        let victim = host.path().join("victim");
+        fs::create_dir(&victim).unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o700)).unwrap();
+        let rel = victim.strip_prefix("/").unwrap().to_str().unwrap();
+        let mut first = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(T::Directory);
+        h.set_mode(0o777);
+        h.set_size(0);
+        first
+            .append_data(&mut h, format!("evil/{rel}/"), std::io::empty())
+            .unwrap();
+        let (_d, root) = unpack(&[
+            first.into_inner().unwrap(),
+            layer(&[("evil", T::Symlink, "/", b"")]),
+        ]);
+        let root = root.unwrap();
+        assert_eq!(fs::read_link(root.join("evil")).unwrap(), Path::new("/"));
+        let mode = fs::metadata(&victim).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "the host directory is untouched");
+    }
+
+    #[test]
+    fn tarball_members_are_read_only_as_regular_files_inside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let host_tar = dir.path().join("host.tar");
+        fs::write(
+            &host_tar,
+            layer(&[("host-marker", T::Regular, "", b"host")]),
+        )
+        .unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        member(
+            &mut b,
+            "l/layer.tar",
+            T::Symlink,
+            host_tar.to_str().unwrap(),
+            b"",
+        );
+        let manifest = br#"[{"Layers":["l/layer.tar"]}]"#;
+        member(&mut b, "manifest.json", T::Regular, "", manifest);
+        let tarball = dir.path().join("image.tar");
+        fs::write(&tarball, b.into_inner().unwrap()).unwrap();
+        let cache = dir.path().join("cache");
+        let err = prepare("x", &ImageSource::Tarball(tarball), &cache).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("l/layer.tar") && msg.contains("not in the image"),
+            "{msg}"
+        );
+        assert!(!cache.join("host-marker").exists());
+    }
+
+    #[test]
     fn unpacked_once_and_reused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("l.tar");
         fs::write(&p, layer(&[("f", T::Regular, "", b"1")])).unwrap();
         let cache = dir.path().join("cache");
-        let a = unpack_cached(&cache, "k", std::slice::from_ref(&p)).unwrap();
+        let layers = as_layers(dir.path(), std::slice::from_ref(&p));
+        let a = unpack_cached(&cache, "k", &layers).unwrap();
         fs::remove_file(&p).unwrap();
-        let b = unpack_cached(&cache, "k", &[p]).unwrap();
+        let b = unpack_cached(&cache, "k", &layers).unwrap();
         assert_eq!(a, b);
         assert_eq!(fs::read(b.join("f")).unwrap(), b"1");
     }

@@ -45,16 +45,16 @@ impl InputTree {
             }
         }
         let tree = Self { root, dirs };
-        if let Some(why) = kiln_proto::tree::too_deep(&tree.root.hash, |hash| {
-            tree.dirs
-                .get(hash)
-                .map(|dir| {
-                    dir.directories
-                        .iter()
-                        .map(|n| (n.name.clone(), n.digest.clone().expect("validated").hash))
-                        .collect()
-                })
-                .unwrap_or_default()
+        if let Some(why) = kiln_proto::tree::shape_problem(&tree.root.hash, |hash| {
+            let Some(dir) = tree.dirs.get(hash) else {
+                return (Vec::new(), 0);
+            };
+            let kids = dir
+                .directories
+                .iter()
+                .map(|n| (n.name.clone(), n.digest.clone().expect("validated").hash))
+                .collect();
+            (kids, (dir.files.len() + dir.symlinks.len()) as u64)
         }) {
             return Err(Error::InvalidTree(format!(
                 "input root {}: {why}",

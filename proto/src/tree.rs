@@ -114,71 +114,108 @@ pub fn resolve_relative(base: &str, path: &str) -> Result<String, &'static str> 
     Ok(parts.join("/"))
 }
 
-/// The longest chain of directories below `root`, as the names leading
-/// down it (empty when `root` has no subdirectory). The tree is given by
-/// `children(dir)`: its subdirectories, by name. Iterative, and every
-/// distinct directory is looked at once however often it is shared, so a
-/// deep or wide tree costs neither stack nor time.
-pub fn deepest_path<K, F>(root: &K, children: F) -> Vec<String>
+/// The most entries (files, directories, symlinks) a tree may hold once
+/// expanded, a shared directory counted every time it is reached. Content
+/// addressing lets a few hundred bytes of Directory messages stand for an
+/// astronomically large tree; staging must write every entry of it.
+pub const MAX_ENTRIES: u64 = 1 << 24;
+
+/// What matters of a tree's size: its longest chain of directories (the
+/// names leading down it) and how many entries it expands to (saturating).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shape {
+    pub deepest: Vec<String>,
+    pub entries: u64,
+}
+
+/// The [`Shape`] of the tree under `root`, given by `dir(d)`: its
+/// subdirectories by name, and how many other entries (files, symlinks) it
+/// holds. Iterative, and every distinct directory is looked at once however
+/// often it is shared, so neither a deep nor an exploding tree costs stack
+/// or time.
+pub fn shape<K, F>(root: &K, dir: F) -> Shape
 where
     K: Clone + Eq + std::hash::Hash,
-    F: Fn(&K) -> Vec<(String, K)>,
+    F: Fn(&K) -> (Vec<(String, K)>, u64),
 {
-    use std::collections::HashMap;
-    // directory → (levels below it, the child leading down the longest chain)
-    let mut height: HashMap<K, (usize, Option<(String, K)>)> = HashMap::new();
-    let mut walking = std::collections::HashSet::new();
+    use std::collections::{HashMap, HashSet};
+    struct Measured<K> {
+        height: usize,
+        /// The child leading down the longest chain.
+        down: Option<(String, K)>,
+        entries: u64,
+    }
+    let mut measured: HashMap<K, Measured<K>> = HashMap::new();
+    let mut walking = HashSet::new();
     let mut stack = vec![(root.clone(), false)];
-    while let Some((dir, expanded)) = stack.pop() {
-        if height.contains_key(&dir) || (!expanded && walking.contains(&dir)) {
+    while let Some((d, expanded)) = stack.pop() {
+        if measured.contains_key(&d) || (!expanded && walking.contains(&d)) {
             continue;
         }
-        let kids = children(&dir);
+        let (kids, own) = dir(&d);
         if !expanded {
-            walking.insert(dir.clone());
-            stack.push((dir, true));
+            walking.insert(d.clone());
+            stack.push((d, true));
             stack.extend(
                 kids.into_iter()
-                    .filter(|(_, k)| !height.contains_key(k))
+                    .filter(|(_, k)| !measured.contains_key(k))
                     .map(|(_, k)| (k, false)),
             );
             continue;
         }
-        let mut best: (usize, Option<(String, K)>) = (0, None);
+        let mut m = Measured {
+            height: 0,
+            down: None,
+            entries: own,
+        };
         for (name, kid) in kids {
             // A child not measured yet can only be one still being walked
-            // (a cycle, which content addressing rules out): count it as a leaf.
-            let h = height.get(&kid).map_or(0, |(h, _)| *h) + 1;
-            if h > best.0 {
-                best = (h, Some((name, kid)));
+            // (a cycle, which content addressing rules out): a leaf.
+            let (h, n) = measured.get(&kid).map_or((0, 0), |k| (k.height, k.entries));
+            m.entries = m.entries.saturating_add(1).saturating_add(n);
+            if h + 1 > m.height {
+                m.height = h + 1;
+                m.down = Some((name, kid));
             }
         }
-        height.insert(dir, best);
+        measured.insert(d, m);
     }
-    let mut path = Vec::new();
+    let entries = measured.get(root).map_or(0, |m| m.entries);
+    let mut deepest = Vec::new();
     let mut at = root.clone();
-    while let Some((_, Some((name, next)))) = height.get(&at) {
-        path.push(name.clone());
+    while let Some(Measured {
+        down: Some((name, next)),
+        ..
+    }) = measured.get(&at)
+    {
+        deepest.push(name.clone());
         at = next.clone();
     }
-    path
+    Shape { deepest, entries }
 }
 
-/// Why a tree is too deep for Kiln, naming the chain that is (cut short
-/// after [`MAX_DEPTH`] + 1 levels), or None when it is not.
-pub fn too_deep<K, F>(root: &K, children: F) -> Option<String>
+/// Why a tree is too deep or too large for Kiln (naming the deepest chain,
+/// cut short after [`MAX_DEPTH`] + 1 levels), or None when it is not.
+pub fn shape_problem<K, F>(root: &K, dir: F) -> Option<String>
 where
     K: Clone + Eq + std::hash::Hash,
-    F: Fn(&K) -> Vec<(String, K)>,
+    F: Fn(&K) -> (Vec<(String, K)>, u64),
 {
-    let path = deepest_path(root, children);
-    (path.len() > MAX_DEPTH).then(|| {
-        format!(
+    let s = shape(root, dir);
+    if s.deepest.len() > MAX_DEPTH {
+        return Some(format!(
             "directories are nested {} levels deep, deeper than {MAX_DEPTH} levels, the most Kiln handles (at {}/...)",
-            path.len(),
-            path[..=MAX_DEPTH].join("/")
-        )
-    })
+            s.deepest.len(),
+            s.deepest[..=MAX_DEPTH].join("/")
+        ));
+    }
+    if s.entries > MAX_ENTRIES {
+        return Some(format!(
+            "the tree expands to more than {MAX_ENTRIES} entries (shared directories counted each \
+             time they appear), the most Kiln stages"
+        ));
+    }
+    None
 }
 
 /// The `SubtreeReadOnly` marking of a directory, if it has one.
@@ -205,7 +242,7 @@ mod tests {
     }
 
     #[test]
-    fn the_deepest_chain_is_found_once_per_shared_directory() {
+    fn shapes_are_measured_once_per_shared_directory() {
         use std::collections::HashMap;
         // a → {b → c → d, e → c}: c is shared; the longest chain is b/c/d.
         let tree: HashMap<&str, Vec<(&str, &str)>> = [
@@ -215,26 +252,48 @@ mod tests {
             ("d", vec![]),
         ]
         .into();
-        let kids = |k: &&str| -> Vec<(String, &str)> {
-            tree[k].iter().map(|(n, c)| (n.to_string(), *c)).collect()
+        let dir = |k: &&str| -> (Vec<(String, &str)>, u64) {
+            let kids = tree[k].iter().map(|(n, c)| (n.to_string(), *c)).collect();
+            (kids, 1)
         };
-        assert_eq!(deepest_path(&"a", kids), ["b", "c", "d"]);
-        assert_eq!(too_deep(&"a", kids), None);
+        let s = shape(&"a", dir);
+        assert_eq!(s.deepest, ["b", "c", "d"]);
+        // One file each; a directory entry counts 1 plus what is in it:
+        // d = 1, c = 1 + (1 + d) = 3, b = 1 + (1 + c) = 5,
+        // a = 1 + (1 + b) + (1 + c) = 11.
+        assert_eq!(s.entries, 11);
+        assert_eq!(shape_problem(&"a", dir), None);
+
         // A chain far deeper than any stack would allow to recurse over.
         let n = 200_000usize;
-        let chain = |k: &usize| -> Vec<(String, usize)> {
-            if *k < n {
+        let chain = |k: &usize| -> (Vec<(String, usize)>, u64) {
+            let kids = if *k < n {
                 vec![("d".into(), k + 1)]
             } else {
                 vec![]
-            }
+            };
+            (kids, 0)
         };
-        assert_eq!(deepest_path(&0, chain).len(), n);
-        let why = too_deep(&0, chain).unwrap();
+        assert_eq!(shape(&0, chain).deepest.len(), n);
+        let why = shape_problem(&0, chain).unwrap();
         assert!(
             why.contains("200000 levels") && why.contains("deeper than 256"),
             "{why}"
         );
+
+        // 64 levels of "two names for the next directory": a few hundred
+        // bytes of messages, 2^64 directories once staged.
+        let bomb = |k: &usize| -> (Vec<(String, usize)>, u64) {
+            let kids = if *k < 64 {
+                vec![("a".into(), k + 1), ("b".into(), k + 1)]
+            } else {
+                vec![]
+            };
+            (kids, 1)
+        };
+        assert_eq!(shape(&0, bomb).entries, u64::MAX);
+        let why = shape_problem(&0, bomb).unwrap();
+        assert!(why.contains("expands to more than"), "{why}");
     }
 
     #[test]

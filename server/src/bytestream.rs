@@ -7,6 +7,12 @@
 //! present ends a write at once with `committed_size` = its size (`-1` for
 //! compressed uploads, as the REAPI specifies). Writers of the same blob
 //! under different upload ids proceed independently and all succeed.
+//!
+//! An upload holds its size against the storage limit until it is
+//! committed or dropped (see the index decorator), and a write stream that
+//! stays silent for the idle timeout is ended (`DEADLINE_EXCEEDED`) and its
+//! data dropped, even if the client keeps it open: no client can keep data
+//! outside the storage limit.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -176,8 +182,8 @@ impl Inner {
         &self,
         mut stream: Streaming<WriteRequest>,
     ) -> std::result::Result<WriteResponse, Status> {
-        let first = stream
-            .message()
+        let first = self
+            .next_message(&mut stream, "(unnamed)")
             .await?
             .ok_or_else(|| Error::InvalidArgument("write stream carried no request".into()))?;
         let name = first.resource_name.clone();
@@ -256,8 +262,15 @@ impl Inner {
                     }
                 }
             }
-            msg = match stream.message().await {
+            msg = match self.next_message(&mut stream, &name).await {
                 Ok(Some(m)) => m,
+                Err(status) if status.code() == tonic::Code::DeadlineExceeded => {
+                    // Silent too long: drop it now rather than keep its data
+                    // (and its share of the storage limit) for resumption.
+                    drop(state);
+                    self.drop_session(&name);
+                    return Err(status);
+                }
                 Ok(None) => {
                     return Err(Error::InvalidArgument(format!(
                         "write stream for {name} ended at offset {} without finish_write; resume from there",
@@ -268,6 +281,25 @@ impl Inner {
                 // The client went away: keep the upload for resumption.
                 Err(status) => return Err(status),
             };
+        }
+    }
+
+    /// The next request of a write stream, or DEADLINE_EXCEEDED once the
+    /// client has been silent for the idle timeout.
+    async fn next_message(
+        &self,
+        stream: &mut Streaming<WriteRequest>,
+        name: &str,
+    ) -> std::result::Result<Option<WriteRequest>, Status> {
+        match tokio::time::timeout(self.idle_timeout, stream.message()).await {
+            Ok(r) => r,
+            Err(_) => {
+                debug!(resource = %name, "write stream silent for the idle timeout; ended");
+                Err(Status::deadline_exceeded(format!(
+                    "write of {name}: no data for {} s (cas.upload_idle_timeout_secs); the upload is dropped",
+                    self.idle_timeout.as_secs()
+                )))
+            }
         }
     }
 

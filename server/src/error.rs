@@ -98,6 +98,18 @@ pub enum Error {
     #[error("blob {digest} is larger than the storage limit of {limit} bytes")]
     TooLarge { digest: Digest, limit: u64 },
 
+    /// Uploads in progress already hold so much of the storage limit that
+    /// this one cannot fit beside them; retryable once they finish or are
+    /// swept.
+    #[error(
+        "blob {digest}: uploads in progress already hold {reserved} of the storage limit of {limit} bytes, leaving no room for it; retry when they finish"
+    )]
+    UploadsFull {
+        digest: Digest,
+        reserved: u64,
+        limit: u64,
+    },
+
     /// A blob found damaged on disk (it has been removed).
     #[error("blob {digest} was damaged on disk ({reason}) and has been removed")]
     Corrupt { digest: Digest, reason: String },
@@ -194,6 +206,8 @@ impl Error {
             Error::MissingBlobs { .. } | Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::OutOfRange(_) => Code::OutOfRange,
             Error::TooLarge { .. } => Code::ResourceExhausted,
+            // Transient: the uploads holding the space finish or are swept.
+            Error::UploadsFull { .. } => Code::Unavailable,
             Error::Io { source, .. } if is_out_of_space(source) => Code::ResourceExhausted,
             Error::Unsupported(_) => Code::Unimplemented,
             Error::Rpc { status, .. } => status.code(),

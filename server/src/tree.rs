@@ -58,23 +58,25 @@ pub async fn walk(cas: &Cas, root: Digest) -> Result<TreeWalk> {
 }
 
 impl TreeWalk {
-    /// Why the walked tree is nested too deep for Kiln (naming the chain),
-    /// or None. Every distinct directory is looked at once.
-    pub fn too_deep(&self, root: &Digest) -> Option<String> {
+    /// Why the walked tree is too deep or expands to too many entries for
+    /// Kiln (see `kiln_proto::tree::shape_problem`), or None. Every distinct
+    /// directory is looked at once.
+    pub fn shape_problem(&self, root: &Digest) -> Option<String> {
         let dirs: HashMap<&Digest, &Directory> =
             self.directories.iter().map(|(d, dir)| (d, dir)).collect();
-        kiln_proto::tree::too_deep(root, |d| {
-            dirs.get(d)
-                .map(|dir| {
-                    dir.directories
-                        .iter()
-                        .filter_map(|n| {
-                            let child = Digest::from_proto(n.digest.as_ref()?).ok()?;
-                            Some((n.name.clone(), child))
-                        })
-                        .collect()
+        kiln_proto::tree::shape_problem(root, |d| {
+            let Some(dir) = dirs.get(d) else {
+                return (Vec::new(), 0);
+            };
+            let kids = dir
+                .directories
+                .iter()
+                .filter_map(|n| {
+                    let child = Digest::from_proto(n.digest.as_ref()?).ok()?;
+                    Some((n.name.clone(), child))
                 })
-                .unwrap_or_default()
+                .collect();
+            (kids, (dir.files.len() + dir.symlinks.len()) as u64)
         })
     }
 }

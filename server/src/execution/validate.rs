@@ -254,7 +254,7 @@ async fn check_tree(
             Error::InvalidArgument(format!("{what} {root}: directory {d}: {why}"))
         })?;
     }
-    if let Some(why) = walk.too_deep(&root) {
+    if let Some(why) = walk.shape_problem(&root) {
         return Err(Error::InvalidArgument(format!("{what} {root}: {why}")));
     }
     let mut missing = walk.missing;

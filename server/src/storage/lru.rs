@@ -11,6 +11,11 @@
 //!   flight) or committed is pinned and never chosen for eviction.
 //! * A commit of a blob that is being deleted waits for the delete to finish,
 //!   so a delete can never remove a freshly committed file.
+//! * A streaming upload holds its declared size against the limit from its
+//!   first byte until it is committed or dropped, so uploads in progress
+//!   (or abandoned, until the ByteStream service sweeps them) can never
+//!   keep data beyond the limit; one that cannot fit even after evicting
+//!   everything evictable is refused as retryable.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -70,6 +75,8 @@ struct State {
     bytes: u64,
     /// Removed from the index, not yet from the backend.
     deleting: HashSet<Hash>,
+    /// Declared sizes of streaming uploads not yet committed or dropped.
+    reserved: u64,
 }
 
 struct Entry {
@@ -199,7 +206,7 @@ impl State {
     fn take_victims(&mut self, target: u64, max: usize) -> Vec<Digest> {
         let mut victims = Vec::new();
         let mut freed = 0u64;
-        let excess = self.bytes.saturating_sub(target);
+        let excess = (self.bytes + self.reserved).saturating_sub(target);
         let mut after = 0u64;
         while freed < excess && victims.len() < max {
             let Some((&key, &hash)) = self
@@ -332,9 +339,32 @@ impl<S: BlobStore> Lru<S> {
     }
 
     fn after_insert(&self) {
-        if self.shared.lock().bytes > self.shared.limit {
+        let st = self.shared.lock();
+        if st.bytes + st.reserved > self.shared.limit {
             self.wake.notify_one();
         }
+    }
+
+    /// Holds `d`'s size against the limit for an upload in progress.
+    /// Refused when uploads in progress alone would leave it no room; else
+    /// eviction makes room for it (in the background, as for commits).
+    fn reserve(&self, d: &Digest) -> Result<Reservation> {
+        {
+            let mut st = self.shared.lock();
+            if st.reserved + d.size() > self.shared.limit {
+                return Err(Error::UploadsFull {
+                    digest: *d,
+                    reserved: st.reserved,
+                    limit: self.shared.limit,
+                });
+            }
+            st.reserved += d.size();
+        }
+        self.after_insert();
+        Ok(Reservation {
+            shared: self.shared.clone(),
+            size: d.size(),
+        })
     }
 
     /// Handles a backend read result for a blob the index listed: if the
@@ -392,7 +422,10 @@ async fn evictor<S: BlobStore>(shared: Weak<Shared>, inner: Arc<S>, wake: Arc<No
 }
 
 async fn evict<S: BlobStore>(shared: &Shared, inner: &S) {
-    let (start_bytes, limit) = (shared.lock().bytes, shared.limit);
+    let (start_bytes, limit) = {
+        let st = shared.lock();
+        (st.bytes + st.reserved, shared.limit)
+    };
     if start_bytes <= limit {
         return;
     }
@@ -401,10 +434,12 @@ async fn evict<S: BlobStore>(shared: &Shared, inner: &S) {
         let victims = shared.lock().take_victims(shared.low_water, EVICT_CHUNK);
         if victims.is_empty() {
             let st = shared.lock();
-            if st.bytes > shared.low_water {
+            if st.bytes + st.reserved > shared.low_water {
                 warn!(
                     bytes = st.bytes,
-                    limit, "storage is over its limit but everything left is in use"
+                    uploading = st.reserved,
+                    limit,
+                    "storage is over its limit but everything left is in use"
                 );
             }
             break;
@@ -540,11 +575,13 @@ impl<S: BlobStore> BlobStore for Lru<S> {
 
     async fn write(&self, digest: &Digest) -> Result<Box<dyn BlobSink>> {
         self.check_size(digest)?;
+        let reservation = self.reserve(digest)?;
         let sink = self.inner.write(digest).await?;
         Ok(Box::new(LruSink {
             lru: self.clone(),
             digest: *digest,
             sink,
+            _reservation: reservation,
         }))
     }
 
@@ -603,6 +640,22 @@ struct LruSink<S: BlobStore> {
     lru: Lru<S>,
     digest: Digest,
     sink: Box<dyn BlobSink>,
+    /// Released when the sink goes: committed (the blob then counts in
+    /// `bytes`) or dropped (its data discarded).
+    _reservation: Reservation,
+}
+
+/// An upload's size held against the limit.
+struct Reservation {
+    shared: Arc<Shared>,
+    size: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.reserved = st.reserved.saturating_sub(self.size);
+    }
 }
 
 #[async_trait]
@@ -612,7 +665,12 @@ impl<S: BlobStore> BlobSink for LruSink<S> {
     }
 
     async fn commit(self: Box<Self>, proof: Verified) -> Result<()> {
-        let LruSink { lru, digest, sink } = *self;
+        let LruSink {
+            lru,
+            digest,
+            sink,
+            _reservation,
+        } = *self;
         let decision = lru
             .when_not_deleting(&[*digest.hash()], |st| st.begin_commit(&digest))
             .await;
@@ -720,6 +778,30 @@ mod tests {
         assert!(matches!(e, Error::DigestMismatch { .. }), "{e}");
         assert_eq!(lru.usage().blobs, 0);
         assert_eq!(lru.inner().usage().blobs, 0);
+    }
+
+    #[tokio::test]
+    async fn uploads_in_progress_hold_their_size_against_the_limit() {
+        let lru = Lru::new(MemoryStore::new(), Some(250), 100).await.unwrap();
+        lru.put_many(vec![blob(1, 100)]).await;
+        let big = blob(2, 200);
+        let mut upload = Upload::new(big.digest(), lru.write(&big.digest()).await.unwrap());
+        upload.append(big.data().slice(..50)).await.unwrap();
+        // Committed 100 + reserved 200 is over 250: the old blob goes.
+        lru.evict_now().await;
+        assert_eq!(lru.usage().blobs, 0, "evicted to make room for the upload");
+        // A second 200-byte upload cannot fit beside the first at all.
+        let other = blob(3, 200);
+        let e = lru.write(&other.digest()).await.err().expect("no room");
+        assert!(matches!(e, Error::UploadsFull { .. }), "{e}");
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        // Dropped uncommitted, its room is free again.
+        drop(upload);
+        let mut again = Upload::new(other.digest(), lru.write(&other.digest()).await.unwrap());
+        again.append(other.data().clone()).await.unwrap();
+        again.commit().await.unwrap();
+        assert_eq!(lru.usage().bytes, 200);
+        assert_eq!(lru.shared.lock().reserved, 0, "released on commit");
     }
 
     #[tokio::test]
