@@ -5,6 +5,9 @@
 //!   `bazel-remote-apis` crate (no proto text is copied into Kiln).
 //! * [`worker`]: Kiln's own worker protocol, compiled from
 //!   `kiln/worker/v1/worker.proto`.
+//! * [`Digest`]: the parsed, validated SHA-256 digest every layer above
+//!   uses (storage, scheduler, services, clients); the proto form is
+//!   validated once, at the edge.
 
 pub use bazel_remote_apis::build::bazel::remote::asset::v1 as asset;
 pub use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
@@ -17,9 +20,11 @@ pub use bazel_remote_apis::google::rpc;
 pub use tonic_types::pb as error_details;
 
 pub mod digest;
+pub mod sha256;
 pub mod tree;
 
 pub use prost;
+pub use sha256::{Digest, DigestError, HASH_LEN};
 
 /// Kiln's worker protocol (server ⇄ worker).
 pub mod worker {

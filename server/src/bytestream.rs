@@ -35,7 +35,7 @@ use crate::config::CasConfig;
 use crate::error::{Error, Result};
 use crate::instances::Instances;
 use crate::resource::{Compression, Resource, parse_read, parse_write};
-use crate::storage::{BlobReader, Cas, Upload};
+use kiln_storage::{BlobReader, Cas, Upload};
 
 /// The ByteStream gRPC service.
 #[derive(Clone)]
@@ -156,7 +156,7 @@ impl Inner {
                     .cas
                     .read(&res.digest, offset)
                     .await
-                    .map_err(|e| match e {
+                    .map_err(|e| match Error::from(e) {
                         Error::OutOfRange(_) => Error::OutOfRange(format!(
                             "read_offset {offset} is past the end of {} ({} bytes)",
                             req.resource_name,
@@ -200,7 +200,7 @@ impl Inner {
                 Compression::Zstd => -1,
             },
         };
-        if self.cas.contains(&res.digest).await? {
+        if self.cas.contains(&res.digest).await.map_err(Error::from)? {
             debug!(resource = %name, "blob already present; write ends early");
             return Ok(done(&res));
         }
@@ -333,7 +333,7 @@ impl Inner {
             .upload
             .take()
             .ok_or_else(|| Error::Task("finish without an upload".into()))?;
-        upload.commit().await
+        upload.commit().await.map_err(Error::from)
     }
 
     fn query(&self, name: &str) -> Option<(i64, bool)> {
@@ -365,7 +365,7 @@ fn plain_stream(reader: BlobReader, limit: u64, chunk: usize) -> ReadStream {
                 ))
             }
             Ok(None) => None,
-            Err(e) => Some((Err(e.into_status()), (reader, 0))),
+            Err(e) => Some((Err(Error::from(e).into_status()), (reader, 0))),
         }
     });
     Box::pin(stream)
@@ -515,7 +515,13 @@ impl ByteStream for ByteStreamService {
                 complete,
             }));
         }
-        if self.inner.cas.contains(&res.digest).await? {
+        if self
+            .inner
+            .cas
+            .contains(&res.digest)
+            .await
+            .map_err(Error::from)?
+        {
             return Ok(Response::new(QueryWriteStatusResponse {
                 committed_size: res.digest.size() as i64,
                 complete: true,

@@ -28,8 +28,8 @@ use crate::config::CasConfig;
 use crate::digest::{Digest, check_digest_function};
 use crate::error::{Error, Result};
 use crate::instances::Instances;
-use crate::storage::{Cas, VerifiedBlob};
-use crate::tree;
+use kiln_storage::tree;
+use kiln_storage::{Cas, VerifiedBlob};
 
 /// Directories per GetTree response when the client does not say.
 const DEFAULT_PAGE_SIZE: usize = 1000;
@@ -85,7 +85,7 @@ fn prepare(req: batch_update_blobs_request::Request, zstd: bool) -> Result<Verif
             )));
         }
     };
-    VerifiedBlob::new(digest, Bytes::from(data))
+    VerifiedBlob::new(digest, Bytes::from(data)).map_err(Error::from)
 }
 
 impl CasService {
@@ -162,7 +162,7 @@ impl CasService {
         for (i, r) in good_idx.into_iter().zip(self.cas.put_many(good).await) {
             statuses[i] = Some(match r {
                 Ok(()) => ok(),
-                Err(e) => e.to_rpc_status(),
+                Err(e) => Error::from(e).to_rpc_status(),
             });
         }
         Ok(BatchUpdateBlobsResponse {
@@ -180,7 +180,11 @@ impl CasService {
     async fn batch_read(&self, req: BatchReadBlobsRequest) -> Result<BatchReadBlobsResponse> {
         self.instances.check(&req.instance_name)?;
         check_digest_function(req.digest_function)?;
-        let parsed: Vec<Result<Digest>> = req.digests.iter().map(Digest::from_proto).collect();
+        let parsed: Vec<Result<Digest>> = req
+            .digests
+            .iter()
+            .map(|d| Digest::from_proto(d).map_err(Error::from))
+            .collect();
         let total: u64 = parsed.iter().flatten().map(Digest::size).sum();
         if total > self.max_batch {
             return Err(Error::BatchTooLarge {
@@ -216,7 +220,7 @@ impl CasService {
                         ok()
                     }
                     Ok(None) => Error::BlobNotFound(d).to_rpc_status(),
-                    Err(e) => e.to_rpc_status(),
+                    Err(e) => Error::from(e).to_rpc_status(),
                 },
             };
             resp.status = Some(status);

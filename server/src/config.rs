@@ -47,38 +47,7 @@ pub struct ServerConfig {
     pub execution: crate::execution::ExecutionConfig,
 }
 
-/// Which backend holds blobs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// Files under `data_dir` (durable).
-    Disk,
-    /// Memory (lost on exit; for tests and throwaway caches).
-    Memory,
-}
-
-/// The blob store.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StorageConfig {
-    /// `"disk"` or `"memory"`. Default `"disk"`.
-    pub backend: Backend,
-    /// Size limit of the CAS in bytes; beyond it the least recently used
-    /// blobs are evicted. 0 means unlimited. Default 16 GiB.
-    pub max_size_bytes: u64,
-    /// Eviction brings the CAS down to this percentage of `max_size_bytes`.
-    /// Default 90.
-    pub evict_to_percent: u8,
-    /// fsync every blob and record (and its directory) before acknowledging
-    /// it. Default false: periodic checkpoints plus verification after an
-    /// unclean shutdown protect against power loss instead (see
-    /// `docs/storage.md`).
-    pub fsync: bool,
-    /// Seconds between checkpoints (`syncfs` of the data directory). Blobs
-    /// written since the last checkpoint are rehashed after an unclean
-    /// shutdown. Default 30.
-    pub checkpoint_interval_secs: u64,
-}
+pub use kiln_storage::config::{Backend, StorageConfig};
 
 /// CAS and ByteStream protocol limits.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -130,18 +99,6 @@ impl Default for ServerConfig {
             cas: CasConfig::default(),
             grpc: GrpcConfig::default(),
             execution: Default::default(),
-        }
-    }
-}
-
-impl Default for StorageConfig {
-    fn default() -> Self {
-        StorageConfig {
-            backend: Backend::Disk,
-            max_size_bytes: 16 << 30,
-            evict_to_percent: 90,
-            fsync: false,
-            checkpoint_interval_secs: 30,
         }
     }
 }
@@ -215,12 +172,7 @@ impl ServerConfig {
                 self.grpc.max_frame_bytes
             )));
         }
-        if self.storage.evict_to_percent == 0 || self.storage.evict_to_percent > 100 {
-            return Err(Error::Config(format!(
-                "storage.evict_to_percent = {} must be between 1 and 100",
-                self.storage.evict_to_percent
-            )));
-        }
+        self.storage.validate()?;
         crate::instances::Instances::new(&self.instance_names)?;
         Ok(())
     }

@@ -13,6 +13,7 @@ use prost::Message;
 use tonic::Code;
 
 use crate::digest::Digest;
+use kiln_storage::error::list_digests;
 
 /// Result alias for the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -155,20 +156,6 @@ pub enum Error {
     },
 }
 
-fn list_digests(digests: &[Digest]) -> String {
-    const SHOWN: usize = 10;
-    let mut s = digests
-        .iter()
-        .take(SHOWN)
-        .map(|d| d.to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
-    if digests.len() > SHOWN {
-        s.push_str(&format!(", and {} more", digests.len() - SHOWN));
-    }
-    s
-}
-
 impl Error {
     /// An I/O error with the operation and path it concerns.
     pub fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
@@ -263,6 +250,53 @@ impl Error {
     }
 }
 
+impl From<kiln_proto::DigestError> for Error {
+    fn from(e: kiln_proto::DigestError) -> Self {
+        kiln_storage::Error::from(e).into()
+    }
+}
+
+/// Storage errors keep their meaning (and message) here, variant for
+/// variant, so the status a client sees is what it was before storage
+/// became its own crate.
+impl From<kiln_storage::Error> for Error {
+    fn from(e: kiln_storage::Error) -> Self {
+        use kiln_storage::Error as S;
+        match e {
+            S::InvalidDigest { digest, reason } => Error::InvalidDigest { digest, reason },
+            S::MissingField(f) => Error::MissingField(f),
+            S::DigestMismatch { expected, actual } => Error::DigestMismatch { expected, actual },
+            S::SizeMismatch { digest, detail } => Error::SizeMismatch { digest, detail },
+            S::InvalidArgument(m) => Error::InvalidArgument(m),
+            S::Decode {
+                what,
+                digest,
+                source,
+            } => Error::Decode {
+                what,
+                digest,
+                source,
+            },
+            S::MissingBlobs { context, missing } => Error::MissingBlobs { context, missing },
+            S::OutOfRange(m) => Error::OutOfRange(m),
+            S::TooLarge { digest, limit } => Error::TooLarge { digest, limit },
+            S::UploadsFull {
+                digest,
+                reserved,
+                limit,
+            } => Error::UploadsFull {
+                digest,
+                reserved,
+                limit,
+            },
+            S::Corrupt { digest, reason } => Error::Corrupt { digest, reason },
+            S::Io { op, path, source } => Error::Io { op, path, source },
+            S::Task(m) => Error::Task(m),
+            S::Config(m) => Error::Config(m),
+        }
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         e.into_status()
@@ -312,5 +346,68 @@ pub fn precondition_failure_missing(missing: &[Digest]) -> Any {
     Any {
         type_url: "type.googleapis.com/google.rpc.PreconditionFailure".into(),
         value: failure.encode_to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_errors_keep_their_codes() {
+        let d = Digest::of(b"x");
+        let cases = [
+            (
+                kiln_storage::Error::UploadsFull {
+                    digest: d,
+                    reserved: 1,
+                    limit: 2,
+                },
+                Code::Unavailable,
+            ),
+            (
+                kiln_storage::Error::TooLarge {
+                    digest: d,
+                    limit: 1,
+                },
+                Code::ResourceExhausted,
+            ),
+            (
+                kiln_storage::Error::Corrupt {
+                    digest: d,
+                    reason: "bad".into(),
+                },
+                Code::NotFound,
+            ),
+            (
+                kiln_storage::Error::MissingBlobs {
+                    context: "c".into(),
+                    missing: vec![d],
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                kiln_storage::Error::DigestMismatch {
+                    expected: d,
+                    actual: Digest::EMPTY,
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                kiln_storage::Error::OutOfRange("o".into()),
+                Code::OutOfRange,
+            ),
+            (kiln_storage::Error::Task("t".into()), Code::Internal),
+            (
+                kiln_storage::Error::io("write", "/x", io::Error::from_raw_os_error(libc::ENOSPC)),
+                Code::ResourceExhausted,
+            ),
+        ];
+        for (e, code) in cases {
+            let message = e.to_string();
+            let e = Error::from(e);
+            assert_eq!(e.code(), code, "{message}");
+            assert_eq!(e.to_string(), message);
+        }
     }
 }

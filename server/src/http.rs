@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 
 use crate::error::{Error, Result};
 use crate::execution::{ExecutionState, OpTimes, OpView};
-use crate::storage::Storage;
+use kiln_storage::Storage;
 
 /// `[metrics]` in the config file: the HTTP port for metrics and the
 /// status page.

@@ -261,6 +261,18 @@ pub fn global() -> &'static Metrics {
     &METRICS
 }
 
+/// The handle storage reports to: evictions land in the process's metrics.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GlobalStorageMetrics;
+
+impl kiln_storage::StorageMetrics for GlobalStorageMetrics {
+    fn evicted(&self, blobs: u64, bytes: u64) {
+        let m = global();
+        m.cas_evicted_blobs.inc_by(blobs);
+        m.cas_evicted_bytes.inc_by(bytes);
+    }
+}
+
 /// `/pkg.Service/Method` → `Service/Method`: short labels, and still
 /// unique across the services Kiln serves.
 fn method_label(path: &str) -> String {

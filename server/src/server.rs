@@ -27,7 +27,7 @@ use crate::cas::CasService;
 use crate::config::ServerConfig;
 use crate::error::{Error, Result};
 use crate::instances::Instances;
-use crate::storage::Storage;
+use kiln_storage::Storage;
 
 /// A Kiln server: opened storage and the services over it.
 ///
@@ -57,7 +57,12 @@ impl KilnServer {
     /// Validates `config` and opens its storage.
     pub async fn open(config: ServerConfig) -> Result<Self> {
         config.validate()?;
-        let storage = Storage::open(&config).await?;
+        let storage = Storage::open(
+            &config.storage,
+            &config.data_dir(),
+            std::sync::Arc::new(crate::metrics::GlobalStorageMetrics),
+        )
+        .await?;
         Self::with_storage(config, storage)
     }
 
@@ -209,7 +214,7 @@ impl KilnServer {
         };
         let closed = self.storage.close().await;
         served?;
-        closed
+        closed.map_err(Error::from)
     }
 
     /// Binds, then serves `routes` in a background task. For tests and

@@ -1027,7 +1027,15 @@ async fn action_cache_completeness() {
     );
 
     // A referenced blob disappears: the entry becomes a miss.
-    h.server.storage().cas.store().delete(&[od]).await.unwrap();
+    h.server
+        .storage()
+        .cas
+        .store()
+        .owned()
+        .unwrap()
+        .delete(&[od])
+        .await
+        .unwrap();
     let e = get_result(&h, "", &action, false).await.unwrap_err();
     assert_status(&e, Code::NotFound, &[&action.to_string()]);
 
@@ -1094,7 +1102,15 @@ async fn action_cache_completeness() {
         get_result(&h, "main", &action2, false).await.unwrap(),
         result2
     );
-    h.server.storage().cas.store().delete(&[fd]).await.unwrap();
+    h.server
+        .storage()
+        .cas
+        .store()
+        .owned()
+        .unwrap()
+        .delete(&[fd])
+        .await
+        .unwrap();
     assert_eq!(
         get_result(&h, "main", &action2, false)
             .await
@@ -1109,6 +1125,8 @@ async fn action_cache_completeness() {
         .storage()
         .cas
         .store()
+        .owned()
+        .unwrap()
         .delete(&[leaf_file])
         .await
         .unwrap();
@@ -1255,6 +1273,8 @@ async fn remote_asset_push_and_fetch() {
         .storage()
         .cas
         .store()
+        .owned()
+        .unwrap()
         .delete(&[leaf])
         .await
         .unwrap();

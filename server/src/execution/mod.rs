@@ -18,10 +18,10 @@ pub use service::{ExecutionService, OperationsService};
 pub use state::{ClientInfo, ExecutionState, OpTimes, OpView, Totals, WorkerView};
 pub use workers::WorkersService;
 
-use crate::action_cache::ActionCache;
 use crate::error::Result;
 use crate::instances::Instances;
-use crate::storage::Cas;
+use kiln_storage::ActionCache;
+use kiln_storage::Cas;
 
 /// `[execution]` in the server's config file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -16,7 +16,7 @@ use kiln_proto::reapi::{ExecuteRequest, RequestMetadata, WaitExecutionRequest};
 use tonic::{Request, Response, Status};
 
 use crate::instances::Instances;
-use crate::storage::Cas;
+use kiln_storage::Cas;
 
 use super::state::{ClientInfo, ExecutionState, OpWatch};
 use super::validate::{self, ValidTrees};

@@ -20,10 +20,10 @@ use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status};
 
-use crate::action_cache::ActionCache;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::scheduler::{Assignment, Capabilities, MatchKey, Rank, Scheduler, platform};
+use kiln_storage::ActionCache;
 
 use super::ExecutionConfig;
 use super::journal::{self, Journal, record};
@@ -1294,8 +1294,8 @@ fn unix_ns() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::Storage;
     use kiln_proto::worker::server_message::Kind;
+    use kiln_storage::Storage;
 
     type WorkerRx = mpsc::UnboundedReceiver<std::result::Result<ServerMessage, Status>>;
 

@@ -16,8 +16,8 @@ use prost::Message;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::scheduler::Requirements;
-use crate::storage::Cas;
-use crate::tree;
+use kiln_storage::Cas;
+use kiln_storage::tree;
 
 use super::ExecutionConfig;
 
@@ -246,7 +246,9 @@ async fn check_tree(
     what: &str,
 ) -> Result<Vec<Digest>> {
     if valid.contains(&root) {
-        return tree::missing_in_directory_tree(cas, root).await;
+        return tree::missing_in_directory_tree(cas, root)
+            .await
+            .map_err(Error::from);
     }
     let walk = tree::walk(cas, root).await?;
     for (d, dir) in &walk.directories {

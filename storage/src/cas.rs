@@ -6,10 +6,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use prost::Message;
 
-use super::{BlobReader, BlobSink, BlobStore, Upload, Usage, Verified, VerifiedBlob, verify};
-use crate::digest::Digest;
+use crate::completeness::CompletenessCache;
 use crate::error::{Error, Result};
-use crate::tree::CompletenessCache;
+use crate::store::{BlobReader, BlobStore, Usage};
+use crate::verify::{self, BlobSink, Upload, Verified, VerifiedBlob};
+use kiln_proto::Digest;
 
 /// A handle to the CAS. Cheap to clone; all clones share one store.
 ///
@@ -28,7 +29,7 @@ impl std::fmt::Debug for Cas {
 }
 
 impl Cas {
-    /// A handle over `store` (normally an [`Lru`](super::Lru) over a backend).
+    /// A handle over `store` (normally an [`Lru`](crate::Lru) over a backend).
     pub fn new(store: Arc<dyn BlobStore>) -> Self {
         Cas {
             store,
@@ -184,9 +185,16 @@ impl Cas {
         Ok(Upload::new(*digest, sink))
     }
 
-    /// What the store holds.
+    /// What the store holds (all zero for a store that does not keep
+    /// account: one shared with other processes).
     pub fn usage(&self) -> Usage {
-        self.store.usage()
+        self.store.owned().map(|o| o.usage()).unwrap_or_default()
+    }
+
+    /// Blobs removed since the store was opened, if the store keeps account:
+    /// while it has not moved, nothing that was present has gone.
+    pub fn removals(&self) -> Option<u64> {
+        self.store.owned().map(|o| o.usage().removals)
     }
 }
 

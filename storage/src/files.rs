@@ -1,5 +1,5 @@
 //! Large blobs as files: `cas/<first two hex>/<hash>` under the data
-//! directory. (Small blobs go to [`super::packs`]; creating a file costs
+//! directory. (Small blobs go to [`crate::packs`]; creating a file costs
 //! ~100 µs of metadata work on this ext4, far too much per 4 KiB blob.)
 //!
 //! A write goes to a fresh file in `tmp/` (same filesystem) and is renamed
@@ -10,8 +10,8 @@
 //! is never rewritten and size accounting stays exact.
 //!
 //! Power loss is a different matter (data may still be in the page cache when
-//! the rename reaches the disk); see [`super::durability`] for how Kiln deals
-//! with it, and [`super::DiskOptions::fsync`] for the strict option.
+//! the rename reaches the disk); see [`crate::durability`] for how Kiln deals
+//! with it, and [`DiskOptions::fsync`] for the strict option.
 
 use std::ffi::CString;
 use std::fs::{self, File};
@@ -26,13 +26,13 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tracing::{debug, info, warn};
 
-use super::disk::{VerifyReport, sync_dir};
-use super::{
-    BlobReader, BlobSink, BlobStore, ChunkSource, Usage, Verified, VerifiedBlob, blocking,
-    get_many_blocking, verify,
-};
-use crate::digest::{Digest, HASH_LEN};
 use crate::error::{Error, Result};
+use crate::fsio::{DiskOptions, VerifyReport, sync_dir};
+use crate::store::{
+    BlobReader, BlobStore, ChunkSource, OwnedStore, Usage, blocking, get_many_blocking,
+};
+use crate::verify::{self, BlobSink, Verified, VerifiedBlob};
+use kiln_proto::{Digest, HASH_LEN};
 
 /// Blobs up to this size are read whole when opened for streaming, saving a
 /// trip to the blocking pool.
@@ -48,7 +48,7 @@ pub struct FileStore {
 struct Inner {
     cas_dir: PathBuf,
     tmp_dir: PathBuf,
-    options: super::DiskOptions,
+    options: DiskOptions,
     tmp_counter: AtomicU64,
     blobs: AtomicU64,
     bytes: AtomicU64,
@@ -65,7 +65,7 @@ impl FileStore {
     /// match. Blocking: call it from a blocking context.
     pub fn open(
         root: &Path,
-        options: super::DiskOptions,
+        options: DiskOptions,
         verify_since: Option<SystemTime>,
     ) -> Result<(Self, VerifyReport)> {
         let cas_dir = root.join("cas");
@@ -326,6 +326,13 @@ impl BlobStore for FileStore {
         }))
     }
 
+    fn owned(&self) -> Option<&dyn OwnedStore> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl OwnedStore for FileStore {
     async fn delete(&self, digests: &[Digest]) -> Result<()> {
         let inner = self.inner.clone();
         let owned = digests.to_vec();
@@ -339,7 +346,13 @@ impl BlobStore for FileStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if let Some(found) = cached {
+        // The scan made at open saves a second one when the index is built
+        // right after; once anything was written or removed it is stale.
+        let now = self.usage();
+        if let Some(found) = cached
+            && now.removals == 0
+            && now.blobs == found.len() as u64
+        {
             return Ok(found);
         }
         let inner = self.inner.clone();
@@ -545,8 +558,7 @@ mod tests {
     #[tokio::test]
     async fn put_get_restart_and_tmp_cleanup() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) =
-            FileStore::open(dir.path(), crate::storage::DiskOptions::default(), None).unwrap();
+        let (store, _) = FileStore::open(dir.path(), DiskOptions::default(), None).unwrap();
         let a = blob(b"hello");
         let results = store.put_many(vec![a.clone(), a.clone()]).await;
         assert!(results.iter().all(|r| r.is_ok()));
@@ -566,8 +578,7 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 1);
         drop(store);
 
-        let (store, _) =
-            FileStore::open(dir.path(), crate::storage::DiskOptions::default(), None).unwrap();
+        let (store, _) = FileStore::open(dir.path(), DiskOptions::default(), None).unwrap();
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
         let inv: Vec<Digest> = store
             .inventory()
@@ -583,8 +594,7 @@ mod tests {
     #[tokio::test]
     async fn damaged_blobs_are_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) =
-            FileStore::open(dir.path(), crate::storage::DiskOptions::default(), None).unwrap();
+        let (store, _) = FileStore::open(dir.path(), DiskOptions::default(), None).unwrap();
         let a = blob(b"some content");
         let b = blob(b"other content");
         store.put_many(vec![a.clone(), b.clone()]).await;
@@ -599,7 +609,7 @@ mod tests {
 
         let (store, report) = FileStore::open(
             dir.path(),
-            crate::storage::DiskOptions::default(),
+            DiskOptions::default(),
             Some(SystemTime::UNIX_EPOCH),
         )
         .unwrap();

@@ -1,16 +1,16 @@
 //! The disk backend: small blobs packed into segment files
 //! ([`PackStore`]), large ones one per file ([`FileStore`]), routed by size
 //! ([`SizeSplit`]). Both write only verified data and make it visible
-//! atomically; see [`super::durability`] for crashes and power loss.
+//! atomically; see [`crate::durability`] for crashes and power loss.
 
-use std::fs::File;
 use std::path::Path;
 use std::time::SystemTime;
 
-use super::files::FileStore;
-use super::packs::PackStore;
-use super::split::SizeSplit;
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::files::FileStore;
+pub use crate::fsio::{DiskOptions, VerifyReport};
+use crate::packs::PackStore;
+use crate::split::SizeSplit;
 
 /// Blobs up to this size are packed. Above a few KiB the per-file cost is
 /// not creating the file but allocating its inode: ext4 without a journal
@@ -23,24 +23,6 @@ pub const SEGMENT_BYTES: u64 = 64 << 20;
 
 /// The disk backend.
 pub type DiskStore = SizeSplit<PackStore, FileStore>;
-
-/// Options of the disk backend.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct DiskOptions {
-    /// `fsync` each blob (pack append, file) and directory before
-    /// acknowledging it. Off by default: Kiln relies on periodic `syncfs`
-    /// checkpoints and verification after an unclean shutdown instead.
-    pub fsync: bool,
-}
-
-/// What start-up verification found.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct VerifyReport {
-    /// Blobs rehashed.
-    pub checked: u64,
-    /// Blobs that did not match their digest and were removed.
-    pub removed: u64,
-}
 
 /// Opens the disk backend under `root` (`packs/`, `cas/`, `tmp/`),
 /// rehashing what was written at or after `verify_since`. Blocking.
@@ -56,11 +38,4 @@ pub fn open(
         removed: a.removed + b.removed,
     };
     Ok((SizeSplit::new(packs, files, PACK_MAX), report))
-}
-
-/// `fsync` on a directory, making renames into it durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("fsync directory", dir, e))
 }

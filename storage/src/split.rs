@@ -7,9 +7,10 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{BlobReader, BlobSink, BlobStore, Usage, VerifiedBlob};
-use crate::digest::Digest;
 use crate::error::Result;
+use crate::store::{BlobReader, BlobStore, OwnedStore, Usage};
+use crate::verify::{BlobSink, VerifiedBlob};
+use kiln_proto::Digest;
 
 /// Blobs of at most `threshold` bytes go to `small`, the rest to `large`.
 #[derive(Clone, Debug)]
@@ -19,7 +20,7 @@ pub struct SizeSplit<S, L> {
     threshold: u64,
 }
 
-impl<S: BlobStore, L: BlobStore> SizeSplit<S, L> {
+impl<S: OwnedStore, L: OwnedStore> SizeSplit<S, L> {
     /// Routes blobs of at most `threshold` bytes to `small`.
     pub fn new(small: S, large: L, threshold: u64) -> Self {
         SizeSplit {
@@ -77,7 +78,7 @@ fn merge<T>(n: usize, a: (Vec<usize>, Vec<T>), b: (Vec<usize>, Vec<T>)) -> Vec<T
 }
 
 #[async_trait]
-impl<S: BlobStore, L: BlobStore> BlobStore for SizeSplit<S, L> {
+impl<S: OwnedStore, L: OwnedStore> BlobStore for SizeSplit<S, L> {
     async fn get_many(&self, digests: &[Digest]) -> Vec<Result<Option<Bytes>>> {
         let (si, s, li, l) = self.partition(digests.to_vec(), |d| *d);
         let (rs, rl) = tokio::join!(
@@ -150,6 +151,13 @@ impl<S: BlobStore, L: BlobStore> BlobStore for SizeSplit<S, L> {
         }
     }
 
+    fn owned(&self) -> Option<&dyn OwnedStore> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl<S: OwnedStore, L: OwnedStore> OwnedStore for SizeSplit<S, L> {
     async fn delete(&self, digests: &[Digest]) -> Result<()> {
         let (_, s, _, l) = self.partition(digests.to_vec(), |d| *d);
         if !s.is_empty() {

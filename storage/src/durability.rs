@@ -32,8 +32,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::{info, warn};
 
-use super::disk::sync_dir;
 use crate::error::{Error, Result};
+use crate::fsio::sync_dir;
 
 /// Blobs modified this long before the last checkpoint are rechecked too,
 /// covering clock granularity.

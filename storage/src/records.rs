@@ -12,12 +12,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use async_trait::async_trait;
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use tracing::warn;
 
-use super::disk::sync_dir;
 use crate::error::{Error, Result};
+use crate::fsio::sync_dir;
 
 const MAGIC: &[u8; 8] = b"KILNREC1";
 /// Records kept in memory after a read or write. Action-cache hits then
@@ -26,18 +27,75 @@ const MAGIC: &[u8; 8] = b"KILNREC1";
 const CACHE_MAX: usize = 16_384;
 const HEADER: usize = MAGIC.len() + 32;
 
-/// A key-value store for records. Cloning shares it.
-#[derive(Clone, Debug)]
-pub enum RecordStore {
-    /// One file per record under a directory.
-    Disk(Arc<DiskRecords>),
-    /// A map in memory.
-    Memory(Arc<Mutex<HashMap<String, Bytes>>>),
+/// A key-value store for small records: the seam under the action cache
+/// and the asset mappings. A record read back is exactly what was last
+/// written under its key, or absent; never damaged.
+#[async_trait]
+pub trait RecordStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Reads a record.
+    async fn get(&self, key: &str) -> Result<Option<Bytes>>;
+
+    /// Writes (or replaces) a record.
+    async fn put(&self, key: &str, value: Bytes) -> Result<()>;
+
+    /// Removes a record; absent is fine.
+    async fn delete(&self, key: &str) -> Result<()>;
 }
 
-/// The disk form of [`RecordStore`].
-#[derive(Debug)]
+/// Builds a key: `namespace/instance/xx/name`, where the instance name is
+/// encoded so any string is a safe path component and `xx` fans out
+/// directories.
+pub fn key(namespace: &str, instance: &str, name: &str) -> String {
+    let inst = if instance.is_empty() {
+        "_".to_string()
+    } else {
+        format!("i-{}", hex::encode(instance))
+    };
+    let fan = name.get(..2).unwrap_or("__");
+    format!("{namespace}/{inst}/{fan}/{name}")
+}
+
+/// Records in a map in memory.
+#[derive(Debug, Default)]
+pub struct MemoryRecords(Mutex<HashMap<String, Bytes>>);
+
+impl MemoryRecords {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Bytes>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl RecordStore for MemoryRecords {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        Ok(self.map().get(key).cloned())
+    }
+
+    async fn put(&self, key: &str, value: Bytes) -> Result<()> {
+        self.map().insert(key.to_string(), value);
+        Ok(())
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        self.map().remove(key);
+        Ok(())
+    }
+}
+
+/// One file per record under a directory, each with a SHA-256 of its
+/// payload checked on every read.
+#[derive(Clone, Debug)]
 pub struct DiskRecords {
+    inner: Arc<DiskInner>,
+}
+
+#[derive(Debug)]
+struct DiskInner {
     root: PathBuf,
     tmp: PathBuf,
     fsync: bool,
@@ -45,7 +103,7 @@ pub struct DiskRecords {
     cache: Mutex<HashMap<String, Bytes>>,
 }
 
-impl DiskRecords {
+impl DiskInner {
     fn cached(&self, key: &str) -> Option<Bytes> {
         self.cache
             .lock()
@@ -70,114 +128,71 @@ impl DiskRecords {
     }
 }
 
-impl RecordStore {
+impl DiskRecords {
     /// Records under `root`, with temporary files in `tmp` (same filesystem).
-    pub fn disk(root: &Path, tmp: &Path, fsync: bool) -> Result<Self> {
+    pub fn open(root: &Path, tmp: &Path, fsync: bool) -> Result<Self> {
         for d in [root, tmp] {
             fs::create_dir_all(d).map_err(|e| Error::io("create directory", d, e))?;
         }
-        Ok(RecordStore::Disk(Arc::new(DiskRecords {
-            root: root.to_path_buf(),
-            tmp: tmp.to_path_buf(),
-            fsync,
-            counter: AtomicU64::new(0),
-            cache: Mutex::default(),
-        })))
-    }
-
-    /// Records in memory.
-    pub fn memory() -> Self {
-        RecordStore::Memory(Arc::default())
-    }
-
-    /// Builds a key: `namespace/instance/xx/name`, where the instance name is
-    /// encoded so any string is a safe path component and `xx` fans out
-    /// directories.
-    pub fn key(namespace: &str, instance: &str, name: &str) -> String {
-        let inst = if instance.is_empty() {
-            "_".to_string()
-        } else {
-            format!("i-{}", hex::encode(instance))
-        };
-        let fan = name.get(..2).unwrap_or("__");
-        format!("{namespace}/{inst}/{fan}/{name}")
-    }
-
-    /// Reads a record.
-    pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        match self {
-            RecordStore::Memory(m) => Ok(m
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(key)
-                .cloned()),
-            RecordStore::Disk(d) => {
-                if let Some(v) = d.cached(key) {
-                    return Ok(Some(v));
-                }
-                let d = d.clone();
-                let key = key.to_string();
-                tokio::task::spawn_blocking(move || {
-                    let v = d.get(&key)?;
-                    if let Some(v) = &v {
-                        d.remember(&key, Some(v.clone()));
-                    }
-                    Ok(v)
-                })
-                .await
-                .map_err(|e| Error::Task(e.to_string()))?
-            }
-        }
-    }
-
-    /// Writes (or replaces) a record.
-    pub async fn put(&self, key: &str, value: Bytes) -> Result<()> {
-        match self {
-            RecordStore::Memory(m) => {
-                m.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(key.to_string(), value);
-                Ok(())
-            }
-            RecordStore::Disk(d) => {
-                let d = d.clone();
-                let key = key.to_string();
-                tokio::task::spawn_blocking(move || {
-                    d.put(&key, &value)?;
-                    d.remember(&key, Some(value));
-                    Ok(())
-                })
-                .await
-                .map_err(|e| Error::Task(e.to_string()))?
-            }
-        }
-    }
-
-    /// Removes a record; absent is fine.
-    pub async fn delete(&self, key: &str) -> Result<()> {
-        match self {
-            RecordStore::Memory(m) => {
-                m.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
-                Ok(())
-            }
-            RecordStore::Disk(d) => {
-                d.remember(key, None);
-                let path = d.root.join(key);
-                tokio::task::spawn_blocking(move || match fs::remove_file(&path) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                        Err(Error::io("remove record", path, e))
-                    }
-                    _ => Ok(()),
-                })
-                .await
-                .map_err(|e| Error::Task(e.to_string()))?
-            }
-        }
+        Ok(DiskRecords {
+            inner: Arc::new(DiskInner {
+                root: root.to_path_buf(),
+                tmp: tmp.to_path_buf(),
+                fsync,
+                counter: AtomicU64::new(0),
+                cache: Mutex::default(),
+            }),
+        })
     }
 }
 
-impl DiskRecords {
-    fn get(&self, key: &str) -> Result<Option<Bytes>> {
+#[async_trait]
+impl RecordStore for DiskRecords {
+    async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        if let Some(v) = self.inner.cached(key) {
+            return Ok(Some(v));
+        }
+        let d = self.inner.clone();
+        let key = key.to_string();
+        tokio::task::spawn_blocking(move || {
+            let v = d.read(&key)?;
+            if let Some(v) = &v {
+                d.remember(&key, Some(v.clone()));
+            }
+            Ok(v)
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?
+    }
+
+    async fn put(&self, key: &str, value: Bytes) -> Result<()> {
+        let d = self.inner.clone();
+        let key = key.to_string();
+        tokio::task::spawn_blocking(move || {
+            d.write(&key, &value)?;
+            d.remember(&key, Some(value));
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        self.inner.remember(key, None);
+        let path = self.inner.root.join(key);
+        tokio::task::spawn_blocking(move || match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(Error::io("remove record", path, e))
+            }
+            _ => Ok(()),
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?
+    }
+}
+
+impl DiskInner {
+    fn read(&self, key: &str) -> Result<Option<Bytes>> {
         let path = self.root.join(key);
         let data = match fs::read(&path) {
             Ok(d) => d,
@@ -196,7 +211,7 @@ impl DiskRecords {
         Ok(Some(b.split_off(HEADER)))
     }
 
-    fn put(&self, key: &str, value: &[u8]) -> Result<()> {
+    fn write(&self, key: &str, value: &[u8]) -> Result<()> {
         let path = self.root.join(key);
         let parent = path.parent().unwrap_or(&self.root);
         fs::create_dir_all(parent).map_err(|e| Error::io("create directory", parent, e))?;
@@ -232,10 +247,10 @@ mod tests {
     async fn roundtrip_and_damage() {
         let dir = tempfile::tempdir().unwrap();
         let store =
-            RecordStore::disk(&dir.path().join("rec"), &dir.path().join("tmp"), false).unwrap();
-        let key = RecordStore::key("ac", "", "abcdef-3");
+            DiskRecords::open(&dir.path().join("rec"), &dir.path().join("tmp"), false).unwrap();
+        let key = key("ac", "", "abcdef-3");
         assert_eq!(key, "ac/_/ab/abcdef-3");
-        assert_eq!(RecordStore::key("ac", "x/y", "ab"), "ac/i-782f79/ab/ab");
+        assert_eq!(super::key("ac", "x/y", "ab"), "ac/i-782f79/ab/ab");
         store
             .put(&key, Bytes::from_static(b"result"))
             .await
@@ -250,7 +265,7 @@ mod tests {
         fs::write(&path, raw).unwrap();
         // As after a power loss: a new process reads the damaged file.
         let store =
-            RecordStore::disk(&dir.path().join("rec"), &dir.path().join("tmp"), false).unwrap();
+            DiskRecords::open(&dir.path().join("rec"), &dir.path().join("tmp"), false).unwrap();
         assert_eq!(store.get(&key).await.unwrap(), None);
         assert!(!path.exists());
     }

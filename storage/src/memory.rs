@@ -1,5 +1,5 @@
 //! A blob store in memory: for tests, and for caches that need not survive a
-//! restart. Wrap it in [`Lru`](super::Lru) to bound its size.
+//! restart. Wrap it in [`Lru`](crate::Lru) to bound its size.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,9 +8,10 @@ use std::sync::{Arc, RwLock};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
-use super::{BlobReader, BlobSink, BlobStore, Usage, Verified, VerifiedBlob};
-use crate::digest::{Digest, HASH_LEN};
 use crate::error::Result;
+use crate::store::{BlobReader, BlobStore, OwnedStore, Usage};
+use crate::verify::{BlobSink, Verified, VerifiedBlob};
+use kiln_proto::{Digest, HASH_LEN};
 
 /// Blobs in a hash map. Cloning shares the same blobs.
 #[derive(Clone, Debug, Default)]
@@ -96,6 +97,13 @@ impl BlobStore for MemoryStore {
         }))
     }
 
+    fn owned(&self) -> Option<&dyn OwnedStore> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl OwnedStore for MemoryStore {
     async fn delete(&self, digests: &[Digest]) -> Result<()> {
         let mut blobs = self.inner.blobs.write().unwrap_or_else(|p| p.into_inner());
         for d in digests {

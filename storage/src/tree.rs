@@ -2,21 +2,12 @@
 //! completeness checks of the action cache and the asset service.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use kiln_proto::reapi::{Directory, Tree};
 
-use crate::digest::Digest;
+use crate::cas::Cas;
 use crate::error::{Error, Result};
-use crate::storage::Cas;
-
-/// A tree found complete is trusted without a new walk for this long, as
-/// long as nothing has been removed from the CAS meanwhile. Short, because
-/// a walk also marks every blob of the tree as used, which keeps hot trees
-/// away from eviction.
-const COMPLETE_TTL: Duration = Duration::from_secs(60);
-const COMPLETE_CACHE_MAX: usize = 100_000;
+use kiln_proto::Digest;
 
 /// The directories of a tree, as far as they are present.
 #[derive(Debug, Default)]
@@ -121,41 +112,25 @@ pub fn file_digests<'a>(
     Ok(out)
 }
 
-/// Remembers which trees were recently found complete.
-#[derive(Debug, Default)]
-pub struct CompletenessCache {
-    complete: Mutex<HashMap<Digest, (u64, Instant)>>,
-}
-
-impl CompletenessCache {
-    fn fresh(&self, root: &Digest, removals: u64) -> bool {
-        let map = self.complete.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(root)
-            .is_some_and(|(epoch, at)| *epoch == removals && at.elapsed() < COMPLETE_TTL)
-    }
-
-    fn record(&self, root: Digest, removals: u64) {
-        let mut map = self.complete.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= COMPLETE_CACHE_MAX {
-            map.clear();
-        }
-        map.insert(root, (removals, Instant::now()));
-    }
-}
-
 /// Every blob of the directory tree under `root` that the CAS lacks
 /// (directories and files). Empty means the tree is complete. Present blobs
 /// are marked used.
 pub async fn missing_in_directory_tree(cas: &Cas, root: Digest) -> Result<Vec<Digest>> {
-    let epoch = cas.usage().removals;
-    if cas.completeness().fresh(&root, epoch) {
+    // Only a store that accounts for its removals can vouch that a tree
+    // found complete is still complete.
+    let epoch = cas.removals();
+    if let Some(epoch) = epoch
+        && cas.completeness().fresh(&root, epoch)
+    {
         return Ok(Vec::new());
     }
     let walk = walk(cas, root).await?;
     let mut missing = walk.missing;
     let files = file_digests(walk.directories.iter().map(|(_, d)| d))?;
     missing.extend(cas.find_missing(&files).await?);
-    if missing.is_empty() {
+    if missing.is_empty()
+        && let Some(epoch) = epoch
+    {
         cas.completeness().record(root, epoch);
     }
     Ok(missing)

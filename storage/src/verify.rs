@@ -5,19 +5,29 @@
 //! data has been hashed and matched against its digest, so no backend can be
 //! handed unverified bytes by mistake.
 //!
-//! [`BlobStore`]: super::BlobStore
+//! [`BlobStore`]: crate::store::BlobStore
 
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
-use super::BlobSink;
-use crate::digest::Digest;
 use crate::error::{Error, Result};
+use kiln_proto::Digest;
 
 /// Chunks up to this size are hashed on the calling task; larger ones on the
 /// blocking pool, so a 1 MiB chunk (≈0.5 ms of SHA-256) never stalls the
 /// runtime's workers.
 const INLINE_HASH_MAX: usize = 64 * 1024;
+
+/// The receiving end of a streaming write. Dropping it without committing
+/// discards the data.
+#[async_trait::async_trait]
+pub trait BlobSink: Send {
+    /// Appends a chunk.
+    async fn append(&mut self, chunk: Bytes) -> Result<()>;
+
+    /// Makes the blob visible, atomically.
+    async fn commit(self: Box<Self>, proof: Verified) -> Result<()>;
+}
 
 /// Proof that an upload's data hashed to its digest. Only this module can
 /// make one.

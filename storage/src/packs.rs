@@ -37,13 +37,11 @@ use bytes::{Bytes, BytesMut};
 use sha2::{Digest as _, Sha256};
 use tracing::{debug, error, info, warn};
 
-use super::disk::{VerifyReport, sync_dir};
-use super::{
-    BlobReader, BlobSink, BlobStore, DiskOptions, Usage, Verified, VerifiedBlob, blocking,
-    get_many_blocking, verify,
-};
-use crate::digest::{Digest, HASH_LEN};
 use crate::error::{Error, Result};
+use crate::fsio::{DiskOptions, VerifyReport, sync_dir};
+use crate::store::{BlobReader, BlobStore, OwnedStore, Usage, blocking, get_many_blocking};
+use crate::verify::{self, BlobSink, Verified, VerifiedBlob};
+use kiln_proto::{Digest, HASH_LEN};
 
 type Hash = [u8; HASH_LEN];
 
@@ -799,6 +797,13 @@ impl BlobStore for PackStore {
         }))
     }
 
+    fn owned(&self) -> Option<&dyn OwnedStore> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl OwnedStore for PackStore {
     async fn delete(&self, digests: &[Digest]) -> Result<()> {
         let inner = self.inner.clone();
         let owned = digests.to_vec();
@@ -811,12 +816,17 @@ impl BlobStore for PackStore {
     }
 
     async fn inventory(&self) -> Result<Vec<(Digest, SystemTime)>> {
+        // The index read at open saves a second pass when the LRU index is
+        // built right after; once anything was written or removed it is stale.
+        let now = self.usage();
         if let Some(inv) = self
             .inner
             .initial_inventory
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
+            && now.removals == 0
+            && now.blobs == inv.len() as u64
         {
             return Ok(inv);
         }
